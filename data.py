@@ -1,0 +1,324 @@
+"""Audio data: CSV manifests, decoding, random crops, the two front-ends and the demo set.
+
+Workers only decode and crop waveforms; log-mel features are computed afterwards, batched
+on the training device, by `FrontEnd` (SPEC §3). Spectrograms are (B, 1, F, T): F mel bins,
+T frames. Manifest columns (SPEC §6): file (required), label (`;`-separated), caption
+(`|`-separated), split (train/valid/test), fold (int).
+"""
+import csv
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+SAMPLE_RATE = 16000
+HOP = 160  # 10 ms frame shift for both front-ends
+EPS = torch.finfo(torch.float32).eps
+
+# name: mel bins, training crop in frames, default normalization (mean, std), and the factor
+# applied to a data-computed std (AudioMAE/AST divide by 2·std, hence std_mult=2).
+FRONTENDS = {
+    'fbank128': dict(n_mels=128, n_frames=1024, mean=-4.2677393, std=4.5689974 * 2, std_mult=2.0),  # ref: AudioMAE
+    'mel80': dict(n_mels=80, n_frames=608, mean=-7.1, std=4.2, std_mult=1.0),  # ref: M2D
+}
+
+
+class FrontEnd(torch.nn.Module):
+    """Waveforms (B, L) at 16 kHz -> normalized log-mel spectrograms (B, 1, F, T), batched, fp32."""
+
+    def __init__(self, name='fbank128', n_frames=None, mean=None, std=None):
+        super().__init__()
+        if name not in FRONTENDS:
+            raise ValueError(f"unknown front-end {name!r}; choose from {sorted(FRONTENDS)}")
+        cfg = FRONTENDS[name]
+        self.name, self.n_mels, self.std_mult = name, cfg['n_mels'], cfg['std_mult']
+        self.n_frames = n_frames or cfg['n_frames']
+        self.mean = cfg['mean'] if mean is None else float(mean)
+        self.std = cfg['std'] if std is None else float(std)
+        if name == 'fbank128':
+            # torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False, window_type='hanning',
+            # num_mel_bins=128, dither=0, frame_shift=10): 25 ms frames, FFT 512, kaldi mel banks 20 Hz-8 kHz.
+            banks, _ = torchaudio.compliance.kaldi.get_mel_banks(128, 512, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+            self.register_buffer('mel_fb', F.pad(banks, (0, 1)), persistent=False)  # (128, 257), Nyquist bin unused
+            self.register_buffer('window', torch.hann_window(400, periodic=False), persistent=False)
+        else:
+            self.melspec = torchaudio.transforms.MelSpectrogram(
+                SAMPLE_RATE, n_fft=400, win_length=400, hop_length=HOP, n_mels=80, f_min=50, f_max=8000,
+                power=2, norm='slaney', mel_scale='slaney', pad_mode='reflect')
+
+    @property
+    def n_samples(self):
+        """Waveform length that yields exactly n_frames frames."""
+        if self.name == 'fbank128':
+            return (self.n_frames - 1) * HOP + 400  # kaldi snip_edges: frames = 1 + (L - 400) // 160
+        return (self.n_frames - 1) * HOP  # centered STFT: frames = 1 + L // 160
+
+    @torch.autocast('cuda', enabled=False)
+    @torch.autocast('cpu', enabled=False)
+    def log_mel(self, wave):
+        """(B, L) -> un-normalized log-mel (B, F, T), always in fp32."""
+        wave = wave.float()
+        if self.name == 'mel80':
+            return (self.melspec(wave) + EPS).log()  # (B, 80, T)
+        x = wave - wave.mean(1, keepdim=True)  # AudioMAE removes the waveform mean first
+        frames = x.unfold(1, 400, HOP)  # (B, T, 400)
+        frames = frames - frames.mean(-1, keepdim=True)  # kaldi remove_dc_offset
+        frames = frames - 0.97 * torch.cat([frames[..., :1], frames[..., :-1]], -1)  # kaldi pre-emphasis
+        power = torch.fft.rfft(frames * self.window, n=512).abs().pow(2)  # (B, T, 257)
+        return (power @ self.mel_fb.T).clamp_min(EPS).log().transpose(1, 2)  # (B, 128, T)
+
+    def forward(self, wave):
+        return ((self.log_mel(wave) - self.mean) / self.std).unsqueeze(1)  # (B, 1, F, T)
+
+    def config(self):
+        return dict(name=self.name, n_frames=self.n_frames, mean=self.mean, std=self.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests and decoding
+
+def read_manifest(path, split=None):
+    """Rows of a CSV manifest as dicts (file made absolute, labels and captions as lists).
+
+    With `split`, keeps the rows of that split when the manifest has a split column.
+    """
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if 'file' not in cols:
+            raise ValueError(f"{path}: the manifest has no 'file' column (found columns: {cols}). "
+                             "The first line must be a header such as: file,label,caption,split")
+        root = os.path.dirname(os.path.abspath(path))
+        rows = [dict(file=os.path.join(root, r['file']),
+                     labels=[s.strip() for s in (r.get('label') or '').split(';') if s.strip()],
+                     captions=[s.strip() for s in (r.get('caption') or '').split('|') if s.strip()],
+                     split=(r.get('split') or '').strip(), fold=(r.get('fold') or '').strip())
+                for r in reader]
+    if split and 'split' in cols:
+        rows = [r for r in rows if r['split'] == split]
+    if not rows:
+        raise ValueError(f"{path}: no rows" + (f" with split == {split!r}" if split and 'split' in cols else ''))
+    return rows
+
+
+def load_audio(path):
+    """Decode a file to a mono float32 waveform at 16 kHz, shape (L,)."""
+    wave, sr = sf.read(path, dtype='float32', always_2d=True)  # (L, C)
+    wave = torch.from_numpy(wave.mean(1))  # mix to mono
+    if sr != SAMPLE_RATE:
+        wave = torchaudio.functional.resample(wave, sr, SAMPLE_RATE)
+    return wave
+
+
+def crop_or_pad(wave, n, rng=None):
+    """Random crop (with a numpy Generator) or start crop to n samples; short clips are zero-padded."""
+    if len(wave) < n:
+        return F.pad(wave, (0, n - len(wave)))  # pad in the waveform, not in the log domain (SPEC §3)
+    start = int(rng.integers(0, len(wave) - n + 1)) if rng is not None else 0
+    return wave[start:start + n]
+
+
+class AudioDataset(Dataset):
+    """Decodes and crops clips; a file that cannot be used comes back as {'bad': path}.
+
+    Random crops are drawn from a generator seeded by (seed, epoch, index), so a resumed run
+    sees exactly the crops an uninterrupted run would have seen.
+    """
+
+    def __init__(self, rows, n_samples, random_crop=True, seed=0):
+        self.rows, self.n_samples, self.random_crop, self.seed = rows, n_samples, random_crop, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        path = self.rows[i]['file']
+        try:
+            wave = load_audio(path)
+        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+            print(f"warning: skipping unreadable audio file {path}: {e}", file=sys.stderr)
+            return {'bad': path}
+        if len(wave) == 0 or not torch.isfinite(wave).all():
+            print(f"warning: skipping {'empty' if len(wave) == 0 else 'non-finite'} audio file {path}", file=sys.stderr)
+            return {'bad': path}
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.random_crop else None
+        return {'wave': crop_or_pad(wave, self.n_samples, rng), 'index': i}
+
+
+def collate(items):
+    """Stack the good clips; report the bad ones so the caller can count them."""
+    good = [it for it in items if 'wave' in it]
+    return {'wave': torch.stack([it['wave'] for it in good]) if good else torch.empty(0),
+            'index': torch.tensor([it['index'] for it in good], dtype=torch.long),
+            'bad': [it['bad'] for it in items if 'bad' in it]}
+
+
+def epoch_loader(dataset, batch_size, epoch, skip=0, rank=0, world=1, seed=0, num_workers=2, pin_memory=False):
+    """DataLoader for one epoch: DistributedSampler order for (seed, epoch), the first `skip` batches dropped.
+
+    The sampler shuffles identically on every rank and gives each rank its own shard; with one
+    process it is a plain seeded shuffle. The loader gets its own generator so it never draws
+    from the global torch RNG (which drives masking and must replay exactly on resume).
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    dataset.epoch = epoch  # read by the (forked) workers when the iterator starts
+    order = list(sampler)[skip * batch_size:]
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True, num_workers=num_workers,
+                      collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator())
+
+
+@torch.no_grad()
+def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
+    """(mean, std) of the un-normalized log-mel over up to n_clips random training clips."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n_clips].tolist()
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in range(0, len(idx), batch_size):
+        items = collate([dataset[j] for j in idx[i:i + batch_size]])
+        if len(items['wave']) == 0:
+            continue
+        x = frontend.log_mel(items['wave'].to(device)).double()
+        total, total_sq, count = total + x.sum().item(), total_sq + x.pow(2).sum().item(), count + x.numel()
+    if count == 0:
+        raise RuntimeError("could not compute normalization stats: no readable clip in the sample")
+    mean = total / count
+    std = max(total_sq / count - mean ** 2, 0.0) ** 0.5
+    if std < 1e-6:
+        raise RuntimeError(f"normalization stats from data have std {std:.2e} (silent training set?); "
+                           "use --norm_stats default")
+    return mean, std * frontend.std_mult
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo set: 12 synthetic sound classes, deterministic, generated on first use (SPEC §6)
+
+DEMO_VERSION, DEMO_SECONDS, DEMO_FRAMES = 1, 2.0, 192  # 192 frames = 1.92 s crops of 2 s clips
+DEMO_TRAIN, DEMO_TEST = 30, 10  # clips per class
+
+
+def _colored_noise(rng, n, exponent):
+    """Noise whose amplitude spectrum falls as f^-exponent (0 white, 1 pink, 2 brown)."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
+    return np.fft.irfft(spec / np.maximum(f, 20.0) ** exponent, n)
+
+
+def _bursts(n, times, length, rng, make):
+    """Sum of short events `make(length)` placed at `times` (seconds)."""
+    x = np.zeros(n)
+    for t0 in times:
+        i = int(t0 * SAMPLE_RATE)
+        ev = make(length)[:max(n - i, 0)]
+        x[i:i + len(ev)] += ev
+    return x
+
+
+def _synth(label, rng, n):
+    t = np.arange(n) / SAMPLE_RATE
+    u = rng.uniform
+    if label == 'low_hum':
+        f = u(90, 160)
+        return sum(np.sin(2 * np.pi * k * f * t + u(0, 6)) / k for k in (1, 2, 3))
+    if label == 'whistle':
+        f = u(1800, 3200)
+        return np.sin(2 * np.pi * f * t + 0.002 * f * np.sin(2 * np.pi * u(4, 6) * t))
+    if label == 'buzz':
+        return 2 * ((t * u(110, 220) + u(0, 1)) % 1.0) - 1  # sawtooth: every harmonic
+    if label in ('rising_sweep', 'falling_sweep'):
+        f0, f1 = u(300, 600), u(2500, 4000)
+        if label == 'falling_sweep':
+            f0, f1 = f1, f0
+        return np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * t[-1])))
+    if label == 'white_noise':
+        return rng.standard_normal(n)
+    if label == 'rumble':
+        return _colored_noise(rng, n, 2.0)
+    if label == 'clicks':
+        rate = u(12, 25)
+        return _bursts(n, np.arange(u(0, 1 / rate), t[-1], 1 / rate), 64, rng,
+                       lambda m: rng.standard_normal(m) * np.exp(-np.arange(m) / 8))
+    if label == 'beeps':
+        f, rate = u(800, 1200), u(2, 3)
+        return np.sin(2 * np.pi * f * t) * ((t * rate + u(0, 1)) % 1.0 < 0.3)
+    if label == 'tremolo':
+        return np.sin(2 * np.pi * u(300, 700) * t) * (1 + 0.9 * np.sin(2 * np.pi * u(5, 10) * t)) / 2
+    if label == 'birdsong':
+        def syllable(m):
+            tt = np.arange(m) / SAMPLE_RATE
+            f0 = u(3500, 5000)
+            return np.sin(2 * np.pi * (f0 * tt - 1500 * tt ** 2 / (2 * tt[-1]))) * np.hanning(m)
+        return _bursts(n, np.cumsum(u(0.12, 0.3, size=12)) - 0.1, 960, rng, syllable)
+    if label == 'knocks':
+        return _bursts(n, np.sort(u(0, t[-1] - 0.1, size=rng.integers(2, 6))), 1600, rng,
+                       lambda m: _colored_noise(rng, m, 1.0) * np.exp(-np.arange(m) / 480))
+    raise KeyError(label)
+
+
+DEMO_CLASSES = {  # label: caption phrasings
+    'low_hum': ["a low steady hum", "a deep humming drone", "low-pitched humming"],
+    'whistle': ["a high-pitched whistle", "a shrill steady whistle", "someone whistling one high note"],
+    'buzz': ["a harsh buzzing tone", "an electric buzz", "a raspy sawtooth buzz"],
+    'rising_sweep': ["a tone sweeping upward", "a rising siren-like sweep", "pitch going up"],
+    'falling_sweep': ["a tone sweeping downward", "a falling whistle", "pitch going down"],
+    'white_noise': ["hissing white noise", "static hiss", "a steady broadband hiss"],
+    'rumble': ["a low rumble", "distant rumbling", "a deep noisy rumble like thunder"],
+    'clicks': ["rapid clicking", "a fast train of clicks", "ticking clicks in quick succession"],
+    'beeps': ["slow repeated beeps", "an alarm beeping", "a beep every half second"],
+    'tremolo': ["a wobbling tone", "a tone with tremolo", "a pulsating warbling note"],
+    'birdsong': ["birds chirping", "short high chirps like birdsong", "tweeting bird calls"],
+    'knocks': ["knocking on a door", "a few dull knocks", "thuds and knocks"],
+}
+
+
+def demo_root():
+    cache = os.environ.get('MAMCLAP_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'mam-clap'))
+    return os.path.join(cache, f'demo-v{DEMO_VERSION}')
+
+
+def make_demo(root):
+    """Synthesize the demo set into `root` (audio/*.wav + demo.csv). Deterministic per clip."""
+    os.makedirs(os.path.join(root, 'audio'), exist_ok=True)
+    n = int(DEMO_SECONDS * SAMPLE_RATE)
+    with open(os.path.join(root, 'demo.csv'), 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['file', 'label', 'caption', 'split'])
+        for c, (label, captions) in enumerate(DEMO_CLASSES.items()):
+            for i in range(DEMO_TRAIN + DEMO_TEST):
+                rng = np.random.default_rng([DEMO_VERSION, c, i])
+                x = _synth(label, rng, n)
+                x = x / (np.abs(x).max() + 1e-9) * rng.uniform(0.1, 0.8)  # random loudness
+                x = x + rng.standard_normal(n) * 10 ** (rng.uniform(-45, -30) / 20)  # background noise
+                name = f'audio/{label}_{i:03d}.wav'
+                sf.write(os.path.join(root, name), np.clip(x, -1, 1), SAMPLE_RATE, subtype='PCM_16')
+                w.writerow([name, label, '|'.join(captions), 'train' if i < DEMO_TRAIN else 'test'])
+
+
+def demo_manifest():
+    """Path of the demo manifest, synthesizing the set on first use (safe when several ranks race)."""
+    root = demo_root()
+    if not os.path.exists(os.path.join(root, 'demo.csv')):
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(root), prefix='.demo-tmp-')
+        make_demo(tmp)
+        try:
+            os.rename(tmp, root)  # atomic: a concurrent rank either wins or finds the finished set
+        except OSError:
+            shutil.rmtree(tmp)
+    return os.path.join(root, 'demo.csv')
+
+
+def resolve_manifest(data):
+    """`--data demo` or a CSV path -> CSV path."""
+    if data == 'demo':
+        return demo_manifest()
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"--data {data}: no such manifest (pass a CSV file, or 'demo')")
+    return data
