@@ -36,7 +36,7 @@ class FrontEnd(torch.nn.Module):
     def __init__(self, name='fbank128', n_frames=None, mean=None, std=None):
         super().__init__()
         if name not in FRONTENDS:
-            raise ValueError(f"unknown front-end {name!r}; choose from {sorted(FRONTENDS)}")
+            raise SystemExit(f"error: unknown front-end {name!r}; choose from {sorted(FRONTENDS)}")
         cfg = FRONTENDS[name]
         self.name, self.n_mels, self.std_mult = name, cfg['n_mels'], cfg['std_mult']
         self.n_frames = n_frames or cfg['n_frames']
@@ -93,7 +93,7 @@ def read_manifest(path, split=None):
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         if 'file' not in cols:
-            raise ValueError(f"{path}: the manifest has no 'file' column (found columns: {cols}). "
+            raise SystemExit(f"error: {path}: the manifest has no 'file' column (found columns: {cols}). "
                              "The first line must be a header such as: file,label,caption,split")
         root = os.path.dirname(os.path.abspath(path))
         rows = [dict(file=os.path.join(root, r['file']),
@@ -104,7 +104,7 @@ def read_manifest(path, split=None):
     if split and 'split' in cols:
         rows = [r for r in rows if r['split'] == split]
     if not rows:
-        raise ValueError(f"{path}: no rows" + (f" with split == {split!r}" if split and 'split' in cols else ''))
+        raise SystemExit(f"error: {path}: no rows" + (f" with split == {split!r}" if split and 'split' in cols else ''))
     return rows
 
 
@@ -188,11 +188,11 @@ def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
         x = frontend.log_mel(items['wave'].to(device)).double()
         total, total_sq, count = total + x.sum().item(), total_sq + x.pow(2).sum().item(), count + x.numel()
     if count == 0:
-        raise RuntimeError("could not compute normalization stats: no readable clip in the sample")
+        raise SystemExit("error: could not compute normalization stats: no readable clip in the sample")
     mean = total / count
     std = max(total_sq / count - mean ** 2, 0.0) ** 0.5
     if std < 1e-6:
-        raise RuntimeError(f"normalization stats from data have std {std:.2e} (silent training set?); "
+        raise SystemExit(f"error: normalization stats from data have std {std:.2e} (silent training set?); "
                            "use --norm_stats default")
     return mean, std * frontend.std_mult
 
@@ -200,7 +200,7 @@ def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
 # ---------------------------------------------------------------------------------------------
 # The demo set: 12 synthetic sound classes, deterministic, generated on first use (SPEC §6)
 
-DEMO_VERSION, DEMO_SECONDS, DEMO_FRAMES = 1, 2.0, 192  # 192 frames = 1.92 s crops of 2 s clips
+DEMO_VERSION, DEMO_SECONDS, DEMO_FRAMES = 2, 2.0, 192  # 192 frames = 1.92 s crops of 2 s clips
 DEMO_TRAIN, DEMO_TEST = 30, 10  # clips per class
 
 
@@ -219,6 +219,20 @@ def _bursts(n, times, length, rng, make):
         ev = make(length)[:max(n - i, 0)]
         x[i:i + len(ev)] += ev
     return x
+
+
+def _rms(x):
+    return np.sqrt(np.mean(x ** 2)) + 1e-9
+
+
+def _event(x, rng):
+    """Keep a random 0.6 s to full-length stretch of x (20 ms fades), silence elsewhere."""
+    n = len(x)
+    length = int(rng.uniform(0.3, 1.0) * n)
+    start = int(rng.integers(0, n - length + 1))
+    env = np.zeros(n)
+    env[start:start + length] = np.minimum(1, np.minimum(np.arange(length), np.arange(length)[::-1]) / 320)
+    return x / _rms(x) * env
 
 
 def _synth(label, rng, n):
@@ -293,9 +307,9 @@ def make_demo(root):
         for c, (label, captions) in enumerate(DEMO_CLASSES.items()):
             for i in range(DEMO_TRAIN + DEMO_TEST):
                 rng = np.random.default_rng([DEMO_VERSION, c, i])
-                x = _synth(label, rng, n)
+                x = _event(_synth(label, rng, n), rng)
+                x = x + _colored_noise(rng, n, rng.uniform(0, 2)) * _rms(x) * 10 ** (-rng.uniform(0, 20) / 20)  # SNR 0-20 dB
                 x = x / (np.abs(x).max() + 1e-9) * rng.uniform(0.1, 0.8)  # random loudness
-                x = x + rng.standard_normal(n) * 10 ** (rng.uniform(-45, -30) / 20)  # background noise
                 name = f'audio/{label}_{i:03d}.wav'
                 sf.write(os.path.join(root, name), np.clip(x, -1, 1), SAMPLE_RATE, subtype='PCM_16')
                 w.writerow([name, label, '|'.join(captions), 'train' if i < DEMO_TRAIN else 'test'])
@@ -320,5 +334,5 @@ def resolve_manifest(data):
     if data == 'demo':
         return demo_manifest()
     if not os.path.exists(data):
-        raise FileNotFoundError(f"--data {data}: no such manifest (pass a CSV file, or 'demo')")
+        raise SystemExit(f"error: --data {data}: no such manifest (pass a CSV file, or 'demo')")
     return data

@@ -90,7 +90,7 @@ def structured_masking(B, grid, t_ratio, f_ratio, device):
     rows = torch.rand(B, Fp, device=device).argsort(1) < nf  # (B, Fp) nf random rows masked
     cols = torch.rand(B, Tp, device=device).argsort(1) < nt  # (B, Tp) nt random columns masked
     mask = (rows[:, :, None] | cols[:, None, :]).flatten(1)  # (B, N)
-    ids_shuffle = mask.int().argsort(1, stable=True)  # visible tokens first, in grid order
+    ids_shuffle = mask.int().argsort(dim=1, stable=True)  # visible tokens first, in grid order
     return _split_ids(ids_shuffle, (Fp - nf) * (Tp - nt))
 
 

@@ -185,7 +185,7 @@ def train(args, ddp, rank, world, device):
 
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
-    step, epoch, batch_idx, record = 0, 0, 0, {}
+    step, epoch, batch_idx, record, window, saved = 0, 0, 0, {}, {}, None
     if args.init:
         ckpt = torch.load(args.init, map_location='cpu', weights_only=True)
         sd = ckpt.get('model', ckpt)
@@ -198,7 +198,8 @@ def train(args, ddp, rank, world, device):
         load_state(raw_model, ckpt['model'], ckpt_path)
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
-        step, epoch, batch_idx, record = ckpt['step'], ckpt['epoch'], ckpt['batch_idx'], ckpt['record']
+        step, epoch, batch_idx, record, window = ckpt['step'], ckpt['epoch'], ckpt['batch_idx'], ckpt['record'], ckpt['window']
+        saved = step
         frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
         if len(ckpt['rng']) == world:
             torch.set_rng_state(ckpt['rng'][rank]['torch'])
@@ -257,7 +258,8 @@ def train(args, ddp, rank, world, device):
             vals = dict(zip(terms, vals.tolist()))
             if not all(map(math.isfinite, vals.values())):
                 raise SystemExit(f"error: non-finite loss at step {step + 1}: " + ', '.join(f"{k}={v}" for k, v in vals.items())
-                                 + f". Stopped; the last good checkpoint ({ckpt_path}) was left intact.")
+                                 + (f". Stopped; the last good checkpoint ({ckpt_path}, step {saved}) is intact." if saved
+                                    else ". Stopped before any checkpoint was written."))
             scaler.scale(loss / args.accum).backward()
         return vals
 
@@ -274,7 +276,7 @@ def train(args, ddp, rank, world, device):
 
     log = open(os.path.join(args.out, 'log.jsonl'), 'a') if master else None
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc=args.method)
-    window, t_log = {}, time.perf_counter()
+    t_log = time.perf_counter()
     model.train()
     while step < total_steps:
         for g in optimizer.param_groups:
@@ -299,16 +301,16 @@ def train(args, ddp, rank, world, device):
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 tqdm.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if step % args.save_every == 0 or step == total_steps:
-            rng = [None] * world
+            rng = [rng_state(device)]  # every rank's RNG, so each resumes its own masking stream
             if ddp:
+                rng = [None] * world
                 dist.all_gather_object(rng, rng_state(device))
-            else:
-                rng = [rng_state(device)]
             if master:
                 save_checkpoint(ckpt_path, {
                     'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                    'step': step, 'epoch': epoch, 'batch_idx': batch_idx, 'record': record, 'rng': rng,
+                    'step': step, 'epoch': epoch, 'batch_idx': batch_idx, 'record': record, 'window': window, 'rng': rng,
                     'args': vars(args), 'model_config': asdict(cfg), 'frontend': frontend.config()})
+            saved = step
     bar.close()
     if master:
         log.close()

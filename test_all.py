@@ -1,0 +1,418 @@
+"""Tests: run on CPU in minutes with `python -m pytest -q test_all.py`."""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+import data
+import losses
+import model as M
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def demo_cache(tmp_path_factory):
+    """Every test uses a fresh demo cache, generated once per session."""
+    os.environ['MAMCLAP_CACHE'] = str(tmp_path_factory.mktemp('cache'))
+    return data.demo_manifest()
+
+
+def write_wav(path, x, sr=16000):
+    sf.write(str(path), np.asarray(x, dtype=np.float32), sr)
+    return str(path)
+
+
+def write_manifest(path, rows, header='file,label,caption,split'):
+    with open(path, 'w') as f:
+        f.write(header + '\n' + ''.join(r + '\n' for r in rows))
+    return str(path)
+
+
+TINY = ['--model', 'vit_tiny', '--dec_depth', '1', '--batch_size', '4', '--num_workers', '0', '--log_every', '1']
+
+
+def run_train(capsys, out, *extra, method='audiomae'):
+    """Run the real train.main; return its result and the parsed last stdout line."""
+    result = train.main(['--method', method, *TINY, '--out', str(out), *extra])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    return result, json.loads(last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patches, masking, position embeddings
+
+def test_patchify_roundtrip_and_frequency_major_order():
+    spec = torch.randn(2, 1, 32, 48)
+    x = M.patchify(spec, 16)
+    assert x.shape == (2, 6, 256)
+    assert torch.equal(M.unpatchify(x, 16, (2, 3)), spec)
+    # token index = f * Tp + t: token 1 is the patch at (f=0, t=1), token 3 at (f=1, t=0)
+    assert torch.equal(x[:, 1], spec[:, 0, :16, 16:32].reshape(2, -1))
+    assert torch.equal(x[:, 3], spec[:, 0, 16:32, :16].reshape(2, -1))
+    # patch pixel order matches the patch-embedding convolution (a conv equals a matmul on patches)
+    conv = torch.nn.Conv2d(1, 8, 16, stride=16)
+    ref = conv(spec).flatten(2).transpose(1, 2)
+    assert torch.allclose(x @ conv.weight.view(8, -1).T + conv.bias, ref, atol=1e-4)
+
+
+def test_random_masking_keeps_exactly_k_and_restore_inverts():
+    B, N, ratio = 5, 40, 0.7
+    ids_keep, ids_masked, ids_restore, mask = M.random_masking(B, N, ratio, 'cpu')
+    K = int(N * (1 - ratio))
+    assert ids_keep.shape == (B, K) and ids_masked.shape == (B, N - K)
+    assert torch.equal(mask.sum(1), torch.full((B,), float(N - K)))
+    shuffled = torch.cat([ids_keep, ids_masked], 1)
+    assert torch.equal(shuffled.gather(1, ids_restore), torch.arange(N).expand(B, N))
+    assert torch.all(mask.gather(1, ids_keep) == 0) and torch.all(mask.gather(1, ids_masked) == 1)
+    assert not torch.equal(ids_keep[0].sort().values, ids_keep[1].sort().values)  # per-sample
+
+
+def test_structured_masking_removes_whole_rows_and_columns():
+    B, grid = 6, (8, 12)
+    ids_keep, _, ids_restore, mask = M.structured_masking(B, grid, t_ratio=0.25, f_ratio=0.5, device='cpu')
+    m = mask.view(B, *grid).bool()
+    for b in range(B):
+        rows, cols = m[b].all(1), m[b].all(0)
+        assert rows.sum() == 4 and cols.sum() == 3
+        assert torch.equal(m[b], rows[:, None] | cols[None, :])  # nothing else masked
+    assert ids_keep.shape == (B, 4 * 9)
+    assert torch.all(mask.gather(1, ids_keep) == 0)
+
+
+def test_position_embeddings_match_the_grid():
+    D, grid = 16, (3, 5)
+    pos = M.sincos_pos_embed(D, grid)
+    assert pos.shape == (15, D)
+    for f in range(grid[0]):  # independent reference in MAE's layout: [sin t, cos t, sin f, cos f]
+        for t in range(grid[1]):
+            w = [1 / 10000 ** (k / (D / 4)) for k in range(D // 4)]
+            ref = ([math.sin(t * x) for x in w] + [math.cos(t * x) for x in w]
+                   + [math.sin(f * x) for x in w] + [math.cos(f * x) for x in w])
+            assert torch.allclose(pos[f * grid[1] + t], torch.tensor(ref), atol=1e-6)
+    enc = M.ViT(M.ViTConfig(width=16, depth=1, heads=2, n_mels=48, n_frames=80))
+    assert enc.pos_embed.shape == (1, 1 + 15, 16) and torch.all(enc.pos_embed[0, 0] == 0)
+
+
+def test_local_attention_windows_and_time_shift():
+    grid = (8, 12)
+    m0 = M.local_attention_mask(grid, (4, 4), 0)[1:, 1:].view(8, 12, 8, 12)
+    assert m0[0, 0, 3, 3] and not m0[0, 0, 4, 0] and not m0[0, 3, 0, 4]
+    m1 = M.local_attention_mask(grid, (4, 4), 2)
+    assert m1[0, 0] and not m1[0, 1:].any() and not m1[1:, 0].any()  # CLS only sees itself
+    m1 = m1[1:, 1:].view(8, 12, 8, 12)
+    assert m1[0, 2, 0, 5] and not m1[0, 1, 0, 2] and m1[0, 0, 0, 1]  # windows [0,2) [2,6) [6,10) [10,12)
+    assert not m1[0, 2, 4, 2]  # frequency windows are not shifted
+    # a block with the mask: a token's output depends only on its own window
+    blk = M.Block(32, 4).eval()
+    x = torch.randn(1, 1 + 96, 32)
+    y = blk(x, M.local_attention_mask(grid, (4, 4), 0))
+    x2 = x.clone()
+    x2[0, 1 + 5 * 12 + 8] += 10  # token (f=5, t=8): window f 4-7, t 8-11
+    y2 = blk(x2, M.local_attention_mask(grid, (4, 4), 0))
+    changed = (y2 - y).abs().amax(-1)[0, 1:].view(8, 12) > 1e-6
+    assert changed[4:, 8:].any() and not changed[:4].any() and not changed[:, :8].any()
+
+
+def test_encoder_sees_visible_tokens_only():
+    cfg = M.ViTConfig(width=32, depth=2, heads=2, n_mels=32, n_frames=64)
+    enc = M.ViT(cfg).eval()
+    spec = torch.randn(2, 1, 32, 64)
+    ids_keep, _, _, mask = M.random_masking(2, 8, 0.5, 'cpu')
+    z = enc(spec, ids_keep)
+    assert z.shape == (2, 1 + 4, 32)
+    hidden = M.patchify(spec, 16) * (1 - mask[..., None]) + 100 * mask[..., None]  # overwrite masked patches
+    z2 = enc(M.unpatchify(hidden, 16, cfg.grid), ids_keep)
+    assert torch.allclose(z, z2, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-ends and data
+
+def test_batched_fbank_equals_kaldi_per_clip():
+    fe = data.FrontEnd('fbank128', n_frames=100)
+    wave = torch.randn(3, fe.n_samples) * torch.tensor([[0.1], [0.5], [1e-4]])
+    batched = fe.log_mel(wave)
+    assert batched.shape == (3, 128, 100)
+    for i in range(3):
+        ref = torchaudio.compliance.kaldi.fbank(
+            (wave[i] - wave[i].mean())[None], htk_compat=True, sample_frequency=16000, use_energy=False,
+            window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)  # (T, 128)
+        assert torch.allclose(batched[i], ref.T, atol=1e-4)
+
+
+@pytest.mark.parametrize('name,n_mels', [('fbank128', 128), ('mel80', 80)])
+def test_frontend_shapes_and_normalization(name, n_mels):
+    fe = data.FrontEnd(name, n_frames=96)
+    wave = torch.randn(2, fe.n_samples) * 0.1
+    spec = fe(wave)
+    assert spec.shape == (2, 1, n_mels, 96)
+    assert torch.allclose(spec, ((fe.log_mel(wave) - fe.mean) / fe.std)[:, None])
+    ref = data.FRONTENDS[name]
+    assert (fe.mean, fe.std) == (ref['mean'], ref['std'])
+    if name == 'mel80':  # the SPEC recipe, computed directly
+        mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, hop_length=160, n_mels=80, f_min=50, f_max=8000,
+                                                   norm='slaney', mel_scale='slaney')(wave)
+        assert torch.allclose(fe.log_mel(wave), (mel + data.EPS).log(), atol=1e-5)
+    assert data.FrontEnd(name, mean=1.0, std=2.0).config()['std'] == 2.0
+
+
+def test_norm_stats_from_data_measure_the_log_mel(tmp_path):
+    rows = [{'file': write_wav(tmp_path / f'{i}.wav', np.random.default_rng(i).normal(0, 0.1, 8000))} for i in range(4)]
+    fe = data.FrontEnd('mel80', n_frames=40)
+    ds = data.AudioDataset(rows, fe.n_samples, random_crop=False)
+    mean, std = data.norm_stats_from_data(fe, ds, 'cpu')
+    x = fe.log_mel(data.collate([ds[i] for i in range(4)])['wave'])
+    assert math.isclose(mean, x.mean().item(), rel_tol=1e-4) and math.isclose(std, x.std().item(), rel_tol=1e-3)
+    mean, std = data.norm_stats_from_data(data.FrontEnd('fbank128', n_frames=40), ds, 'cpu')
+    fb = data.FrontEnd('fbank128', n_frames=40).log_mel(data.collate([ds[i] for i in range(4)])['wave'])
+    assert math.isclose(std, 2 * fb.std().item(), rel_tol=1e-3)  # AudioMAE's 2x std convention
+
+
+def test_demo_set_is_deterministic_and_complete(tmp_path, demo_cache):
+    data.make_demo(str(tmp_path))
+
+    def digest(root):
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(os.path.join(root, 'audio'))):
+            h.update(open(os.path.join(root, 'audio', name), 'rb').read())
+        return h.hexdigest() + open(os.path.join(root, 'demo.csv')).read()
+
+    assert digest(str(tmp_path)) == digest(os.path.dirname(demo_cache))
+    train_rows, test_rows = data.read_manifest(demo_cache, 'train'), data.read_manifest(demo_cache, 'test')
+    labels = {r['labels'][0] for r in train_rows}
+    assert len(labels) >= 10 and labels == {r['labels'][0] for r in test_rows}
+    assert len(train_rows) == len(labels) * data.DEMO_TRAIN and len(test_rows) == len(labels) * data.DEMO_TEST
+    assert all(len(r['captions']) >= 3 for r in train_rows)
+    # classes differ audibly: nearest class centroid of simple log-mel statistics (4 time segments,
+    # per-band std over time) already beats chance (1/12) by far; a model can learn them
+    fe = data.FrontEnd('mel80', n_frames=data.DEMO_FRAMES)
+
+    def features(rows):
+        ds = data.AudioDataset(rows, fe.n_samples, random_crop=False)
+        x = fe(data.collate([ds[i] for i in range(len(ds))])['wave'])[:, 0]  # (B, 80, T)
+        return torch.cat([x.view(len(x), 80, 4, -1).mean(-1).flatten(1), x.std(-1)], 1)
+
+    names = sorted(labels)
+    ftr, fte = features(train_rows), features(test_rows)
+    centroids = torch.stack([ftr[[r['labels'][0] == n for r in train_rows]].mean(0) for n in names])
+    pred = torch.cdist(fte, centroids).argmin(1).tolist()
+    assert np.mean([names[p] == r['labels'][0] for p, r in zip(pred, test_rows)]) > 0.5
+
+
+def test_manifest_columns_paths_labels_and_captions(tmp_path):
+    write_wav(tmp_path / 'a.wav', np.zeros(1600))
+    path = write_manifest(tmp_path / 'm.csv', ['a.wav,dog;bark,"a dog|barking, loudly",train', 'a.wav,cat,,test'])
+    rows = data.read_manifest(path, 'train')
+    assert len(rows) == 1 and rows[0]['file'] == str(tmp_path / 'a.wav')
+    assert rows[0]['labels'] == ['dog', 'bark'] and rows[0]['captions'] == ['a dog', 'barking, loudly']
+    assert len(data.read_manifest(write_manifest(tmp_path / 'n.csv', ['a.wav'], header='file'), 'train')) == 1
+    with pytest.raises(SystemExit, match="no 'file' column"):
+        data.read_manifest(write_manifest(tmp_path / 'bad.csv', ['a.wav,dog'], header='path,label'))
+    with pytest.raises(SystemExit, match="no rows with split == 'valid'"):
+        data.read_manifest(path, 'valid')
+
+
+def test_stereo_and_other_sample_rates_are_mixed_and_resampled(tmp_path):
+    t = np.arange(44100) / 44100
+    left = 0.8 * np.sin(2 * np.pi * 1000 * t)
+    path = write_wav(tmp_path / 's.wav', np.stack([left, np.zeros_like(left)], 1), sr=44100)
+    wave = data.load_audio(path)
+    assert wave.shape == (16000,)
+    spectrum = torch.fft.rfft(wave).abs()
+    assert abs(spectrum.argmax().item() - 1000) <= 1  # 1 kHz tone survives resampling (1 Hz bins)
+    assert abs(wave[1000:15000].abs().max().item() - 0.4) < 0.01  # mono = mean of the channels
+
+
+def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path, capsys):
+    good = write_wav(tmp_path / 'good.wav', np.random.default_rng(0).normal(0, 0.1, 4000))
+    (tmp_path / 'corrupt.wav').write_bytes(b'RIFF\x00\x01garbage' * 10)
+    (tmp_path / 'empty.wav').write_bytes(b'')
+    zero = write_wav(tmp_path / 'zero.wav', np.zeros(0))
+    rows = [{'file': f} for f in (good, str(tmp_path / 'corrupt.wav'), str(tmp_path / 'empty.wav'),
+                                  str(tmp_path / 'missing.wav'), zero)]
+    ds = data.AudioDataset(rows, 3000)
+    batch = data.collate([ds[i] for i in range(5)])
+    err = capsys.readouterr().err
+    for name in ('corrupt.wav', 'empty.wav', 'missing.wav', 'zero.wav'):
+        assert name in err
+    assert batch['wave'].shape == (1, 3000) and batch['index'].tolist() == [0] and len(batch['bad']) == 4
+
+
+def test_silent_and_short_clips_never_give_nan(tmp_path):
+    rows = [{'file': write_wav(tmp_path / 'silent.wav', np.zeros(32000))},
+            {'file': write_wav(tmp_path / 'short.wav', np.full(10, 0.5))}]
+    for name in data.FRONTENDS:
+        fe = data.FrontEnd(name, n_frames=96)
+        ds = data.AudioDataset(rows, fe.n_samples)
+        spec = fe(data.collate([ds[0], ds[1]])['wave'])
+        assert torch.isfinite(spec).all()
+        patches = M.patchify(spec, 16)
+        assert torch.isfinite(losses.mae_loss(torch.zeros_like(patches), patches, torch.ones(2, patches.shape[1])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+def test_mae_loss_zero_for_perfect_prediction_and_ignores_visible():
+    target = torch.randn(2, 10, 16)
+    mask = torch.zeros(2, 10)
+    mask[:, :4] = 1
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    assert losses.mae_loss(normed, target, mask).item() < 1e-10
+    pred = normed.clone()
+    pred[:, 4:] += 5.0  # visible patches: ignored
+    assert losses.mae_loss(pred, target, mask).item() < 1e-10
+    pred[:, :4] += 1.0  # masked patches: each off by 1 everywhere
+    assert math.isclose(losses.mae_loss(pred, target, mask).item(), 1.0, rel_tol=1e-5)
+    assert math.isclose(losses.mae_loss(target + 2, target, mask, norm_pix=False).item(), 4.0, rel_tol=1e-5)
+
+
+def test_audiomae_forward_shapes_and_gradients():
+    cfg = M.ViTConfig(width=32, depth=2, heads=2, n_mels=64, n_frames=64)
+    mae = M.AudioMAE(cfg, mask_ratio=0.75, dec_dim=32, dec_depth=2)
+    out = mae(torch.randn(3, 1, 64, 64))
+    assert set(out) == {'loss_rec'} and out['loss_rec'].ndim == 0
+    out['loss_rec'].backward()
+    assert mae.encoder.patch_embed.weight.grad.abs().sum() > 0 and mae.decoder.mask_token.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training entry point
+
+def test_train_smoke_run_writes_checkpoint_log_and_json(tmp_path, capsys):
+    result, last = run_train(capsys, tmp_path, '--steps', '3', '--num_workers', '2', '--save_every', '2', '--clip_grad', '1')
+    assert last == result and last['step'] == 3 and math.isfinite(last['loss']) and 'loss_rec' in last
+    log = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['step'] for r in log] == [1, 2, 3]
+    ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    for key in ('model', 'optimizer', 'scaler', 'step', 'epoch', 'args', 'model_config', 'frontend', 'rng'):
+        assert key in ckpt
+    assert ckpt['step'] == 3 and ckpt['args']['method'] == 'audiomae' and ckpt['model_config']['width'] == 192
+    assert ckpt['frontend'] == {'name': 'fbank128', 'n_frames': data.DEMO_FRAMES, 'mean': -4.2677393, 'std': 4.5689974 * 2}
+
+
+def test_lr_schedule_and_printed_lr(tmp_path, capsys):
+    lrs = [train.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] < lrs[9] and math.isclose(max(lrs), lrs[10]) and lrs[-1] < 1e-3
+    train.main(['--method', 'audiomae', *TINY, '--out', str(tmp_path), '--steps', '1', '--accum', '2', '--blr', '1e-3',
+                '--norm_stats', 'data'])
+    out = capsys.readouterr().out
+    assert 'effective batch 8 = 4 x 1 process(es) x 2 accum' in out and 'lr 3.13e-05 = blr 0.001 x 8 / 256' in out
+    stats = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['frontend']
+    assert stats['mean'] != data.FRONTENDS['fbank128']['mean'] and f"norm ({stats['mean']:.3f}, {stats['std']:.3f})" in out
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    args = ['--steps', '4', '--save_every', '2', '--num_workers', '1', '--batch_size', '8']  # 45 steps/epoch
+    run_train(capsys, tmp_path / 'straight', *args)
+    straight = [json.loads(line) for line in open(tmp_path / 'straight' / 'log.jsonl')]
+
+    real_save = train.save_checkpoint
+
+    def crash_after_first_save(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt('simulated crash')
+
+    monkeypatch.setattr(train, 'save_checkpoint', crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(capsys, tmp_path / 'resumed', *args)
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    assert torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)['step'] == 2
+    run_train(capsys, tmp_path / 'resumed', *args, '--resume')
+    resumed = [json.loads(line) for line in open(tmp_path / 'resumed' / 'log.jsonl')]
+    assert [r['step'] for r in resumed] == [1, 2, 3, 4]
+    assert [r['loss'] for r in resumed] == [r['loss'] for r in straight]
+    a = torch.load(tmp_path / 'straight' / 'checkpoint.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
+    manifest = write_manifest(tmp_path / 'm.csv', [f'{data.demo_root()}/audio/buzz_{i:03d}.wav,buzz,,train' for i in range(12)])
+    args = ['--data', manifest, '--steps', '5', '--amp', 'none', '--log_every', '3']  # 3 steps per epoch
+    run_train(capsys, tmp_path / 'straight', *args)
+    monkeypatch.setattr(train, 'save_checkpoint', lambda path, state: (torch.save(state, path), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        run_train(capsys, tmp_path / 'resumed', *args, '--save_every', '4')  # crash at step 4, in epoch 1
+    monkeypatch.undo()
+    run_train(capsys, tmp_path / 'resumed', *args, '--resume')
+    logs = {d: [json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('straight', 'resumed')}
+    assert [r['step'] for r in logs['resumed']] == [3, 5]  # the step-5 record averages steps 4-5 across the resume
+    assert [r['loss'] for r in logs['resumed']] == [r['loss'] for r in logs['straight']]
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    out = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+         '--method', 'audiomae', *TINY, '--steps', '3', '--out', str(tmp_path)],
+        cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last['step'] == 3 and math.isfinite(last['loss'])
+    assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout
+    ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
+
+
+def test_init_loads_encoder_and_mismatch_lists_keys(tmp_path, capsys):
+    run_train(capsys, tmp_path / 'a', '--steps', '1')
+    run_train(capsys, tmp_path / 'b', '--steps', '1', '--blr', '0', '--init', str(tmp_path / 'a' / 'checkpoint.pt'))
+    a = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith('encoder.'))
+    with pytest.raises(SystemExit, match=r'shape mismatches: \[.encoder.|cls_token: \(1, 1, 192\) in checkpoint, \(1, 1, 384\)'):
+        train.main(['--method', 'audiomae', *TINY, '--model', 'vit_small', '--out', str(tmp_path / 'c'), '--steps', '1',
+                    '--init', str(tmp_path / 'a' / 'checkpoint.pt')])
+
+
+def test_bench_prints_throughput_flops_and_mfu(tmp_path, capsys):
+    result, last = run_train(capsys, tmp_path, '--bench', '2', '--frontend', 'mel80', '--no-local_attn')
+    assert last == result and result['n_frames'] == data.DEMO_FRAMES
+    assert result['samples_per_s'] > 0 and result['model_tflops'] > 0 and result['peak_tflops'] > 0
+    assert 0 < result['mfu'] < 1.5 and result['peak_memory_gb'] > 0
+    assert not os.path.exists(tmp_path / 'checkpoint.pt')
+
+
+def test_training_skips_bad_files_and_aborts_past_the_threshold(tmp_path, capsys):
+    audio = f'{data.demo_root()}/audio'
+    (tmp_path / 'broken.wav').write_bytes(b'not audio at all')
+    rows = [f'{audio}/clicks_{i:03d}.wav,clicks,,train' for i in range(11)] + ['broken.wav,clicks,,train']
+    _, last = run_train(capsys, tmp_path / 'ok', '--data', write_manifest(tmp_path / 'm.csv', rows),
+                        '--steps', '3', '--max_bad', '0.5')  # 12 rows, 3 batches of 4: the bad file is met once
+    assert last['step'] == 3 and math.isfinite(last['loss'])
+    rows = [f'{audio}/clicks_{i:03d}.wav,clicks,,train' for i in range(4)] + [f'missing{i}.wav,clicks,,train' for i in range(4)]
+    with pytest.raises(SystemExit, match=r'could not be read \(more than --max_bad 0.05\)'):
+        run_train(capsys, tmp_path / 'abort', '--data', write_manifest(tmp_path / 'm2.csv', rows), '--steps', '2')
+
+
+def test_bad_manifest_and_flags_give_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no 'file' column"):
+        run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', ['x.wav'], header='path'))
+    with pytest.raises(SystemExit, match='no such manifest'):
+        run_train(capsys, tmp_path, '--data', str(tmp_path / 'nope.csv'))
+    with pytest.raises(SystemExit, match='fp16 needs a CUDA device'):
+        run_train(capsys, tmp_path, '--amp', 'fp16', '--device', 'cpu')
+
+
+def test_nan_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    real, calls = losses.mae_loss, []
+
+    def nan_on_third_call(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float('nan') if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(losses, 'mae_loss', nan_on_third_call)
+    with pytest.raises(SystemExit, match=r'non-finite loss at step 3: loss_rec=nan'):
+        run_train(capsys, tmp_path, '--steps', '4', '--save_every', '2')
+    ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert ckpt['step'] == 2 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
