@@ -228,7 +228,7 @@ class Decoder(nn.Module):
     def forward(self, x, ids_restore):
         """x (B, 1+K, D) encoder output, ids_restore (B, N) -> predictions for all N tokens (B, N, out)."""
         x = self.embed(x)  # (B, 1+K, Dd)
-        B, N, Dd = ids_restore.shape[0], ids_restore.shape[1], x.shape[2]
+        (B, N), Dd = ids_restore.shape, x.shape[2]
         tokens = torch.cat([x[:, 1:], self.mask_token.expand(B, N + 1 - x.shape[1], -1).to(x.dtype)], 1)  # (B, N, Dd) shuffled
         tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, Dd))  # (B, N, Dd) grid order
         x = torch.cat([x[:, :1], tokens], 1) + self.pos_embed  # (B, 1+N, Dd)
@@ -249,8 +249,7 @@ class AudioMAE(nn.Module):
 
     def forward(self, spec):
         """spec (B, 1, F, T) -> {'loss_rec': scalar}."""
-        B, p = spec.shape[0], self.encoder.cfg.patch
-        N = self.encoder.pos_embed.shape[1] - 1
-        ids_keep, _, ids_restore, mask = random_masking(B, N, self.mask_ratio, spec.device)
+        B, cfg = spec.shape[0], self.encoder.cfg
+        ids_keep, _, ids_restore, mask = random_masking(B, cfg.grid[0] * cfg.grid[1], self.mask_ratio, spec.device)
         pred = self.decoder(self.encoder(spec, ids_keep), ids_restore)  # (B, N, p*p)
-        return {'loss_rec': losses.mae_loss(pred, patchify(spec, p), mask)}
+        return {'loss_rec': losses.mae_loss(pred, patchify(spec, cfg.patch), mask)}
