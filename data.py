@@ -108,6 +108,22 @@ def read_manifest(path, split=None):
     return rows
 
 
+def label_table(rows, source):
+    """Class names and per-row targets: (N,) class indices when every row has one label,
+    (N, C) multi-hot floats when any row has several. Every row must have a label."""
+    unlabeled = [r['file'] for r in rows if not r['labels']]
+    if unlabeled:
+        raise SystemExit(f"error: {source}: {len(unlabeled)} of {len(rows)} rows have no label (e.g. {unlabeled[0]}); "
+                         "this method trains a classifier and needs a 'label' on every row")
+    names = sorted({name for r in rows for name in r['labels']})
+    if all(len(r['labels']) == 1 for r in rows):
+        return names, torch.tensor([names.index(r['labels'][0]) for r in rows])
+    targets = torch.zeros(len(rows), len(names))
+    for i, r in enumerate(rows):
+        targets[i, [names.index(name) for name in r['labels']]] = 1.0
+    return names, targets
+
+
 def load_audio(path):
     """Decode a file to a mono float32 waveform at 16 kHz, shape (L,)."""
     wave, sr = sf.read(path, dtype='float32', always_2d=True)  # (L, C)

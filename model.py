@@ -1,15 +1,22 @@
 """Audio ViT encoder, MAE decoder, masking, and the pre-training models.
 
-Papers: AudioMAE (Huang+ 2022, "Masked Autoencoders that Listen"), MAE (He+ 2022).
+Papers: AudioMAE (Huang+ 2022, "Masked Autoencoders that Listen"), MAE (He+ 2022),
+MAM-CLAP, SupMAM, SupMAM-CLAP (Xin+ 2023, "Masked Audio Modeling with CLAP and Multi-Objective
+Learning"); the CLAP teacher is LAION-CLAP's HTSAT-tiny (Wu+ 2023).
 Shapes: spectrograms (B, 1, F, T); patch grid (F/p, T/p) = (Fp, Tp); N = Fp*Tp tokens flattened
 frequency-major (index = f * Tp + t); K visible and M masked tokens; D encoder width,
 Dd decoder width. Mask convention: mask (B, N), 1 = masked (hidden from the encoder).
 """
+import importlib.util
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchaudio
 
 import losses
 
@@ -238,18 +245,116 @@ class Decoder(nn.Module):
 
 
 class AudioMAE(nn.Module):
-    """AudioMAE pre-training: encode the visible patches, reconstruct the masked ones."""
+    """AudioMAE pre-training and its variants from Xin+ 2023 (AudioMAE is their backbone).
 
-    def __init__(self, cfg: ViTConfig, mask_ratio=0.8, dec_dim=512, dec_depth=16, local_attn=True):
+    - AudioMAE: reconstruct the normalized pixels of the masked patches.
+    - MAM-CLAP (target_dim set, §2.1, Fig. 1): the decoder g runs on [Z_v; mask tokens] and
+      the head h (the decoder's last Linear + LayerNorm) maps ALL its outputs to the teacher
+      width: visible predictions Y_v come from g's outputs at the visible positions, masked
+      predictions Y_m from the mask tokens (our reading of Fig. 1: one g/h path for both).
+    - SupMAM / SupMAM-CLAP (n_classes > 0, §2.2): a classifier on the mean of the visible
+      encoder tokens G_v, Linear(D, 4D) -> BatchNorm -> ReLU -> Linear(4D, C) (ref: SupMAE).
+    """
+
+    def __init__(self, cfg: ViTConfig, mask_ratio=0.8, dec_dim=512, dec_depth=16, local_attn=True, n_classes=0,
+                 tau=10.0, target_dim=0):
         super().__init__()
-        self.mask_ratio = mask_ratio
+        self.mask_ratio, self.tau = mask_ratio, tau
         self.encoder = ViT(cfg)
-        self.decoder = Decoder(cfg.width, dec_dim, dec_depth, cfg.patch ** 2, cfg.grid,
+        self.decoder = Decoder(cfg.width, dec_dim, dec_depth, target_dim or cfg.patch ** 2, cfg.grid,
                                window=(4, 4) if local_attn else None)
+        self.head_norm = nn.LayerNorm(target_dim) if target_dim else None  # h = Linear + LayerNorm (MAM-CLAP)
+        D = cfg.width
+        self.classifier = nn.Sequential(nn.Linear(D, 4 * D), nn.BatchNorm1d(4 * D), nn.ReLU(),
+                                        nn.Linear(4 * D, n_classes)).apply(init_weights) if n_classes else None
 
-    def forward(self, spec):
-        """spec (B, 1, F, T) -> {'loss_rec': scalar}."""
+    def forward(self, spec, y=None, target=None):
+        """spec (B, 1, F, T); y labels (SupMAM); target (B, N, Dt) teacher map (MAM-CLAP) -> named loss terms."""
         B, cfg = spec.shape[0], self.encoder.cfg
         ids_keep, _, ids_restore, mask = random_masking(B, cfg.grid[0] * cfg.grid[1], self.mask_ratio, spec.device)
-        pred = self.decoder(self.encoder(spec, ids_keep), ids_restore)  # (B, N, p*p)
-        return {'loss_rec': losses.mae_loss(pred, patchify(spec, cfg.patch), mask)}
+        z = self.encoder(spec, ids_keep)  # (B, 1+K, D)
+        pred = self.decoder(z, ids_restore)  # (B, N, p*p or Dt)
+        if self.head_norm is None:
+            terms = {'loss_rec': losses.mae_loss(pred, patchify(spec, cfg.patch), mask)}
+        else:  # MAM-CLAP Eq. (1): visible and masked tokens, each averaged over its own count
+            pred = self.head_norm(pred)
+            terms = {'loss_visible': losses.token_mse(pred, target, 1 - mask),
+                     'loss_masked': losses.token_mse(pred, target, mask)}
+        if self.classifier is not None:
+            logits = self.classifier(z[:, 1:].mean(1))  # (B, C), from the visible tokens only (G_v)
+            terms['loss_cls'] = losses.classification_loss(logits, y, self.tau)  # SupMAM Eq. (2)
+        return terms
+
+
+# ---------------------------------------------------------------------------------------------
+# The MAM-CLAP teacher: LAION-CLAP's HTSAT-tiny audio branch
+
+HTSAT_TINY = dict(model_type='HTSAT', model_name='tiny', sample_rate=48000, audio_length=1024, window_size=1024,
+                  hop_size=480, fmin=50, fmax=14000, class_num=527, mel_bins=64, clip_samples=480000)
+
+
+def create_htsat_tiny():
+    """HTSAT-tiny from the laion-clap package, without importing `laion_clap` itself: its
+    __init__ imports the training code, which downloads tokenizers at import time (SPEC §5)."""
+    folder = os.path.dirname(importlib.util.find_spec('laion_clap').origin)  # locates, does not import
+    if folder not in sys.path:
+        sys.path.append(folder)
+    from clap_module.htsat import create_htsat_model
+    from clap_module.model import CLAPAudioCfp
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.meshgrid')  # inside HTSAT's Swin blocks; harmless
+        return create_htsat_model(CLAPAudioCfp(**HTSAT_TINY))
+
+
+class CLAPTeacher(nn.Module):
+    """Frozen CLAP audio encoder -> patch-level targets on the student's grid (MAM-CLAP §2.1).
+
+    Input: the student's exact 16 kHz segment, resampled to 48 kHz on the device. HTSAT folds
+    its 1024 frames x 64 mels into a 256x256 image (4 time chunks stacked along the height);
+    its final stage is an 8x8 map = (4 chunks x 2 freq) x 8 time. Unfolding the chunks gives
+    (2 freq, 32 time), resized bilinearly to (F/p, T/p) and flattened frequency-major (ours),
+    then standardized per token (LayerNorm without affine, ours: h ends in a LayerNorm).
+    """
+    dim = 768
+
+    def __init__(self, ckpt=None):
+        super().__init__()
+        self.htsat = create_htsat_tiny()
+        if ckpt:
+            state = torch.load(ckpt, map_location='cpu', weights_only=True)
+            state = {k.removeprefix('module.'): v for k, v in state.get('state_dict', state).items()}
+            load_state(self.htsat, {k[len('audio_branch.'):]: v for k, v in state.items() if k.startswith('audio_branch.')},
+                       ckpt)
+        else:
+            print("WARNING: no --clap_ckpt: the CLAP teacher has RANDOM weights, so its targets are meaningless. "
+                  "Fine for tests and demos; for real MAM-CLAP pass an official LAION-CLAP HTSAT-tiny checkpoint, "
+                  "e.g. --clap_ckpt 630k-audioset-best.pt", file=sys.stderr)
+        self.htsat.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # always in eval mode (frozen BatchNorm, no SpecAugment)
+
+    @torch.no_grad()
+    def feature_map(self, wave):
+        """wave (B, L) at 16 kHz -> HTSAT's final-stage map (B, 768, 2 freq, 32 time)."""
+        h = self.htsat
+        with torch.autocast(wave.device.type, enabled=False):  # front-end in fp32
+            x = torchaudio.functional.resample(wave.float(), 16000, 48000)
+            x = h.logmel_extractor(h.spectrogram_extractor(x))[:, :, :1024]  # (B, 1, T, 64); HTSAT takes <= 1024 frames
+            x = h.bn0(x.transpose(1, 3)).transpose(1, 3)
+            x = h.reshape_wav2img(x)  # (B, 1, 256, 256): time stretched to 1024 frames, folded into 4 chunks
+        x = h.patch_embed(x)  # trunk under the caller's autocast
+        if h.ape:
+            x = x + h.absolute_pos_embed
+        for layer in h.layers:
+            x, _ = layer(x)
+        x = h.norm(x).float()  # (B, 64, 768)
+        B, _, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, 4, 2, 8)  # (B, C, chunk, freq, time)
+        return x.permute(0, 1, 3, 2, 4).reshape(B, C, 2, 32)  # (B, C, 2 freq, 32 time): time fold undone
+
+    def forward(self, wave, grid):
+        """wave (B, L) at 16 kHz, grid (Fp, Tp) -> standardized targets (B, Fp*Tp, 768)."""
+        x = F.interpolate(self.feature_map(wave), size=grid, mode='bilinear', align_corners=False)  # (B, C, Fp, Tp)
+        return F.layer_norm(x.flatten(2).transpose(1, 2), (self.dim,))  # (B, N, 768)

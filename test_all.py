@@ -4,6 +4,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -351,14 +352,15 @@ def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
     assert [r['loss'] for r in logs['resumed']] == [r['loss'] for r in logs['straight']]
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize('method', ['audiomae', 'supmam'])  # supmam: BatchNorm under DDP
+def test_ddp_two_processes_gloo(tmp_path, method):
     out = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-         '--method', 'audiomae', *TINY, '--steps', '3', '--out', str(tmp_path)],
+         '--method', method, *TINY, '--steps', '3', '--out', str(tmp_path)],
         cwd=HERE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
-    assert last['step'] == 3 and math.isfinite(last['loss'])
+    assert last['step'] == 3 and math.isfinite(last['loss']) and ('loss_cls' in last) == (method == 'supmam')
     assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
@@ -416,3 +418,137 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path, c
         run_train(capsys, tmp_path, '--steps', '4', '--save_every', '2')
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert ckpt['step'] == 2 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# SupMAM: the classification branch
+
+def test_classification_loss_temperature_and_ce_vs_bce():
+    logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    F = torch.nn.functional
+    assert torch.allclose(losses.classification_loss(logits, y, tau=10), F.cross_entropy(logits / 10, y))
+    assert torch.allclose(losses.classification_loss(logits * 10, y, tau=10), losses.classification_loss(logits, y, tau=1))
+    multi = torch.zeros(6, 5)
+    multi[0, [1, 3]] = multi[1, 2] = 1
+    assert torch.allclose(losses.classification_loss(logits, multi, tau=10), F.binary_cross_entropy_with_logits(logits / 10, multi))
+
+
+def test_label_table_single_and_multi_label(tmp_path):
+    rows = [{'file': 'a', 'labels': ['dog']}, {'file': 'b', 'labels': ['cat']}, {'file': 'c', 'labels': ['dog']}]
+    names, y = data.label_table(rows, 'm.csv')
+    assert names == ['cat', 'dog'] and y.dtype == torch.long and y.tolist() == [1, 0, 1]
+    rows[2]['labels'] = ['dog', 'bird']
+    names, y = data.label_table(rows, 'm.csv')
+    assert names == ['bird', 'cat', 'dog'] and y.tolist() == [[0, 0, 1], [0, 1, 0], [1, 0, 1]]
+    rows[1]['labels'] = []
+    with pytest.raises(SystemExit, match=r'm.csv: 1 of 3 rows have no label'):
+        data.label_table(rows, 'm.csv')
+
+
+def test_supmam_classifies_from_visible_tokens_only():
+    cfg = M.ViTConfig(width=32, depth=2, heads=2, n_mels=32, n_frames=64)
+    sup = M.AudioMAE(cfg, mask_ratio=0.5, dec_dim=32, dec_depth=1, n_classes=3)
+    spec, y = torch.randn(4, 1, 32, 64), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(0)
+    mask = M.random_masking(4, 8, 0.5, 'cpu')[3]  # the masks the forward passes below will draw
+    hidden = M.unpatchify(M.patchify(spec, 16) + 5 * mask[..., None], 16, cfg.grid)  # change masked patches only
+    torch.manual_seed(0)
+    a = sup(spec, y)
+    torch.manual_seed(0)
+    b = sup(hidden, y)
+    assert set(a) == {'loss_rec', 'loss_cls'}
+    assert torch.equal(a['loss_cls'], b['loss_cls']) and not torch.equal(a['loss_rec'], b['loss_rec'])
+    a['loss_cls'].backward()
+    assert sup.classifier[0].weight.grad.abs().sum() > 0 and sup.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_supmam_refuses_a_manifest_without_labels(tmp_path, capsys):
+    rows = [f'{data.demo_root()}/audio/buzz_{i:03d}.wav' for i in range(8)]
+    with pytest.raises(SystemExit, match='8 of 8 rows have no label'):
+        run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', rows, header='file'), method='supmam')
+    assert not os.path.exists(tmp_path / 'log.jsonl')  # refused before training started
+
+
+# ---------------------------------------------------------------------------------------------
+# MAM-CLAP: the CLAP teacher and Eq. (1)
+
+@pytest.fixture(scope='module')
+def teacher():
+    t = time.perf_counter()
+    teacher = M.CLAPTeacher()
+    assert time.perf_counter() - t < 60  # offline, no downloads: a few seconds here
+    return teacher
+
+
+def test_teacher_builds_offline_without_importing_laion_clap(teacher, capsys):
+    assert 'laion_clap' not in sys.modules  # its __init__ downloads tokenizers (SPEC §5)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training  # stays in eval mode inside a model.train() call
+
+
+@pytest.mark.parametrize('name,n_frames', [('fbank128', 192), ('fbank128', 1024), ('mel80', 96), ('mel80', 608)])
+def test_teacher_map_matches_the_student_grid(teacher, name, n_frames):
+    fe = data.FrontEnd(name, n_frames=n_frames)
+    grid = M.ViTConfig(n_mels=fe.n_mels, n_frames=n_frames).grid
+    target = teacher(torch.randn(2, fe.n_samples) * 0.1, grid)
+    assert target.shape == (2, grid[0] * grid[1], 768) and target.dtype == torch.float32
+    assert torch.allclose(target.mean(-1), torch.zeros(1), atol=1e-4) and torch.allclose(target.std(-1, unbiased=False), torch.ones(1), atol=1e-3)
+
+
+def test_teacher_map_agrees_with_htsats_own_forward(teacher):
+    wave = torch.randn(2, 30960) * 0.1
+    fmap = teacher.feature_map(wave)  # (B, 768, 2, 32)
+    ref = teacher.htsat({'waveform': torchaudio.functional.resample(wave, 16000, 48000)}, device='cpu')
+    assert torch.allclose(fmap.mean((2, 3)), ref['embedding'], atol=1e-4)  # HTSAT's pooled clip embedding
+    # its fine-grained embedding: the map averaged over frequency, each of the 32 steps repeated 32 times
+    assert torch.allclose(fmap.mean(2).transpose(1, 2), ref['fine_grained_embedding'][:, ::32], atol=1e-4)
+
+
+def test_teacher_loads_official_checkpoint_layout(teacher, tmp_path):
+    state = {'module.audio_branch.' + k: v for k, v in teacher.htsat.state_dict().items()}
+    state['module.text_branch.embeddings.weight'] = torch.zeros(3)  # other branches are ignored
+    torch.save({'epoch': 45, 'state_dict': state}, tmp_path / 'clap.pt')
+    torch.manual_seed(123)  # a different random init, then the checkpoint's weights
+    loaded = M.CLAPTeacher(str(tmp_path / 'clap.pt'))
+    wave = torch.randn(2, 30960) * 0.1
+    assert torch.equal(loaded(wave, (8, 12)), teacher(wave, (8, 12)))
+    del state['module.audio_branch.bn0.weight']
+    torch.save({'state_dict': state}, tmp_path / 'broken.pt')
+    with pytest.raises(SystemExit, match=r"missing: \['bn0.weight'\]"):
+        M.CLAPTeacher(str(tmp_path / 'broken.pt'))
+
+
+def test_mam_clap_eq1_visible_and_masked_terms():
+    Y, T = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[1., 0, 0, 0, 0], [1, 1, 1, 0, 0]])  # 4 masked, 6 visible tokens
+    sq = (Y - T).pow(2).mean(-1)
+    visible = sum(sq[b, n] for b in range(2) for n in range(5) if mask[b, n] == 0) / 6
+    masked = sum(sq[b, n] for b in range(2) for n in range(5) if mask[b, n] == 1) / 4
+    assert torch.allclose(losses.token_mse(Y, T, 1 - mask), visible) and torch.allclose(losses.token_mse(Y, T, mask), masked)
+    assert losses.token_mse(T, T, mask) == 0 and losses.token_mse(T, T, 1 - mask) == 0
+
+
+def test_mam_clap_predicts_visible_and_masked_targets_through_one_head():
+    cfg = M.ViTConfig(width=32, depth=1, heads=2, n_mels=32, n_frames=64)
+    mam = M.AudioMAE(cfg, mask_ratio=0.25, dec_dim=32, dec_depth=1, target_dim=16)
+    out = mam(torch.randn(2, 1, 32, 64), target=torch.randn(2, 8, 16))
+    assert set(out) == {'loss_visible', 'loss_masked'}
+    out['loss_visible'].backward()  # visible predictions come through the decoder and head
+    assert mam.decoder.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0 and mam.head_norm.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('method,terms', [('mam_clap', {'loss_visible', 'loss_masked'}),
+                                          ('supmam_clap', {'loss_visible', 'loss_masked', 'loss_cls'})])
+def test_clap_target_methods_train(tmp_path, capsys, method, terms):
+    train.main(['--method', method, *TINY, '--out', str(tmp_path), '--steps', '2'])
+    out, err = capsys.readouterr()
+    last = json.loads(out.strip().splitlines()[-1])
+    assert terms <= set(last) and math.isfinite(last['loss'])
+    assert math.isclose(last['loss'], sum(last[k] * (1e-4 if k == 'loss_cls' else 1) for k in terms), rel_tol=1e-6)
+    assert 'WARNING: no --clap_ckpt: the CLAP teacher has RANDOM weights' in err
+
+
+def test_bench_reports_the_teachers_share(tmp_path, capsys):
+    result, _ = run_train(capsys, tmp_path, '--bench', '1', method='mam_clap')
+    assert 0 < result['teacher_s'] < result['step_s'] and 0 < result['teacher_share'] < 1 and result['model_tflops'] > 0

@@ -24,19 +24,33 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
-from model import VIT_PRESETS, AudioMAE, ViTConfig, load_state
+from model import VIT_PRESETS, AudioMAE, CLAPTeacher, ViTConfig, load_state
 
 # Per-method flag defaults (SPEC §5). Later methods add entries; flags override any value.
 PRESETS = {
     # ref: AudioMAE pre-training recipe: 80% unstructured masking, 16-block decoder with local
     # attention, norm-pix MSE on masked patches, blr 2e-4, weight decay 1e-4, no grad clipping, 32 epochs.
-    'audiomae': dict(frontend='fbank128', mask_ratio=0.8, dec_depth=16, local_attn=True,
-                     blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32),
+    'audiomae': dict(frontend='fbank128', target='patches', mask_ratio=0.8, dec_depth=16, local_attn=True,
+                     blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=0.0),
+    # Xin+ 2023 §3.1 (AudioMAE's training pipeline otherwise): CLAP targets for visible and masked
+    # patches with 20% masking and a 1-block decoder (Tables 2-3); classification branch with
+    # lambda_cls 0.01 (SupMAM) / 1e-4 (SupMAM-CLAP), tau 10, 40% masking (Tables 4, 6, 7).
+    'mam_clap': dict(frontend='fbank128', target='clap', mask_ratio=0.2, dec_depth=1, local_attn=True,
+                     blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=0.0),
+    'supmam': dict(frontend='fbank128', target='patches', mask_ratio=0.4, dec_depth=16, local_attn=True,
+                   blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=0.01, tau=10.0),
+    'supmam_clap': dict(frontend='fbank128', target='clap', mask_ratio=0.4, dec_depth=1, local_attn=True,
+                        blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=1e-4, tau=10.0),
 }
 
-MODELS = {
-    'audiomae': lambda cfg, a: AudioMAE(cfg, a.mask_ratio, a.dec_dim, a.dec_depth, a.local_attn),
-}
+
+def build_mae(cfg, a, n_classes):
+    """AudioMAE; MAM-CLAP with --target clap; Sup* when there are classes (--lambda_cls > 0)."""
+    return AudioMAE(cfg, a.mask_ratio, a.dec_dim, a.dec_depth, a.local_attn, n_classes, a.tau,
+                    CLAPTeacher.dim if a.target == 'clap' else 0)
+
+
+MODELS = {m: build_mae for m in ('audiomae', 'mam_clap', 'supmam', 'supmam_clap')}  # -> model returning named losses
 
 
 def get_args(argv=None):
@@ -58,6 +72,10 @@ def get_args(argv=None):
     g.add_argument('--dec_dim', type=int, help='decoder width (default: min(512, encoder width); 512 is the papers\')')
     g.add_argument('--dec_depth', type=int)
     g.add_argument('--local_attn', action=argparse.BooleanOptionalAction, help='windowed decoder attention')
+    g.add_argument('--lambda_cls', type=float, help='weight of the classification loss (> 0 adds the SupMAM branch)')
+    g.add_argument('--tau', type=float, default=10.0, help='classification temperature: CE(logits / tau, y)')
+    g.add_argument('--target', choices=['patches', 'clap'], help='reconstruct spectrogram patches, or CLAP teacher features')
+    g.add_argument('--clap_ckpt', help='official LAION-CLAP HTSAT-tiny checkpoint for the teacher (random weights without)')
     g = p.add_argument_group('optimization')
     g.add_argument('--steps', type=int, help='optimizer steps (overrides --epochs)')
     g.add_argument('--epochs', type=int)
@@ -169,12 +187,17 @@ def train(args, ddp, rank, world, device):
                          f"x {args.accum} accum; lower --batch_size")
     total_steps = args.steps or args.epochs * steps_per_epoch
     warmup = int(args.warmup * total_steps)
+    # A classification branch needs a label on every training row; refuse before training starts.
+    class_names, targets = data.label_table(rows, manifest) if args.lambda_cls > 0 else ([], None)
+    targets = targets.to(device) if targets is not None else None
+    weights = {'loss_cls': args.lambda_cls}  # lambda for each named term; 1 for terms not listed (SupMAM Eq. 3)
 
     # Model and optimizer. Same seed on every rank for the init, then a per-rank stream for masking.
     torch.manual_seed(args.seed)
     args.dec_dim = args.dec_dim or min(512, VIT_PRESETS[args.model]['width'])  # (ours) no decoder wider than a small encoder
     cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=frontend.n_mels, n_frames=args.n_frames)
-    raw_model = MODELS[args.method](cfg, args).to(device)
+    raw_model = MODELS[args.method](cfg, args, len(class_names)).to(device)
+    teacher = CLAPTeacher(args.clap_ckpt).to(device) if args.target == 'clap' else None  # frozen, never in DDP
     torch.manual_seed(args.seed + 1000 * rank)
     eff_batch = args.batch_size * world * args.accum
     lr = args.blr * eff_batch / 256
@@ -241,16 +264,18 @@ def train(args, ddp, rank, world, device):
                 raise SystemExit(f"error: {len(bad_files)} of {len(dataset)} audio files could not be read "
                                  f"(more than --max_bad {args.max_bad}), e.g. {sorted(bad_files)[:3]}")
             if len(batch['wave']):
-                return e, b, batch['wave'].to(device, non_blocking=True)
+                y = targets[batch['index'].to(device)] if targets is not None else None
+                return e, b, batch['wave'].to(device, non_blocking=True), y
 
-    def forward_backward(wave, micro):
+    def forward_backward(wave, y, micro):
         """One micro-step. Returns the loss terms, averaged over ranks, as floats."""
-        with torch.no_grad():
-            spec = frontend(wave)  # (B, 1, F, T), fp32
+        with torch.no_grad(), autocast:
+            spec = frontend(wave)  # (B, 1, F, T), always fp32
+            target = teacher(wave, cfg.grid) if teacher else None  # (B, N, 768): fp32 front-end, autocast trunk
         with model.no_sync() if ddp and micro < args.accum - 1 else nullcontext():
             with autocast:
-                terms = model(spec)
-            loss = sum(terms.values())
+                terms = model(spec, y, target)
+            loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
             vals = torch.stack([v.detach().float() for v in terms.values()])
             if ddp:
                 dist.all_reduce(vals)
@@ -272,7 +297,8 @@ def train(args, ddp, rank, world, device):
         optimizer.zero_grad(set_to_none=True)
 
     if args.bench:
-        return bench(args, device, world, next_batch()[2], forward_backward, optimizer_step, say)
+        return bench(args, device, world, next_batch()[2:], forward_backward, optimizer_step, say,
+                     teacher and (lambda wave: teacher(wave, cfg.grid)))
 
     log = open(os.path.join(args.out, 'log.jsonl'), 'a') if master else None
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc=args.method)
@@ -282,8 +308,8 @@ def train(args, ddp, rank, world, device):
         for g in optimizer.param_groups:
             g['lr'] = lr_at(step, total_steps, warmup, lr)
         for micro in range(args.accum):
-            epoch, batch_idx, wave = next_batch()
-            for k, v in forward_backward(wave, micro).items():
+            epoch, batch_idx, wave, y = next_batch()
+            for k, v in forward_backward(wave, y, micro).items():
                 window[k] = window.get(k, 0.0) + v / args.accum
         optimizer_step()
         step += 1
@@ -292,7 +318,8 @@ def train(args, ddp, rank, world, device):
         if step % args.log_every == 0 or step == total_steps:
             n, dt = window.pop('n'), time.perf_counter() - t_log
             terms = {k: v / n for k, v in window.items()}
-            record = {'step': step, 'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'], 'loss': sum(terms.values()),
+            loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            record = {'step': step, 'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'], 'loss': loss,
                       **terms, 'samples_per_s': n * eff_batch / dt}
             window, t_log = {}, time.perf_counter()
             if master:
@@ -309,7 +336,8 @@ def train(args, ddp, rank, world, device):
                 save_checkpoint(ckpt_path, {
                     'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                     'step': step, 'epoch': epoch, 'batch_idx': batch_idx, 'record': record, 'window': window, 'rng': rng,
-                    'args': vars(args), 'model_config': asdict(cfg), 'frontend': frontend.config()})
+                    'args': vars(args), 'model_config': asdict(cfg), 'frontend': frontend.config(),
+                    'class_names': class_names})
             saved = step
     bar.close()
     if master:
@@ -318,31 +346,47 @@ def train(args, ddp, rank, world, device):
     return record
 
 
-def bench(args, device, world, wave, forward_backward, optimizer_step, say):
-    """Time full training steps (front-end, forward, backward, optimizer) on one fixed batch."""
-    for _ in range(3):  # warm-up
-        forward_backward(wave, 0)
+def bench(args, device, world, batch, forward_backward, optimizer_step, say, teacher=None):
+    """Time full training steps (front-end, teacher, forward, backward, optimizer) on one fixed batch.
+
+    FLOPs and TFLOP/s are the student's; the teacher's time per step is reported on its own.
+    """
+    def timed(fn, n):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t) / n
+
+    def step():
+        forward_backward(*batch, 0)
         optimizer_step()
+
+    for _ in range(3):  # warm-up
+        step()
     with FlopCounterMode(display=False) as counter:
-        forward_backward(wave, 0)
+        forward_backward(*batch, 0)
     optimizer_step()
+    flops = counter.get_total_flops()
+    teacher_s = 0.0
+    if teacher:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp != 'none'):
+            with FlopCounterMode(display=False) as counter:
+                teacher(batch[0])
+            flops -= counter.get_total_flops()
+            teacher_s = timed(lambda: teacher(batch[0]), args.bench)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(args.bench):
-        forward_backward(wave, 0)
-        optimizer_step()
-    sync(device)
-    step_s = (time.perf_counter() - t) / args.bench
-    tflops = counter.get_total_flops() / step_s / 1e12
+    step_s = timed(step, args.bench)
+    tflops = flops / (step_s - teacher_s) / 1e12
     peak = matmul_peak(device, {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}[args.amp])
     memory = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {'method': args.method, 'model': args.model, 'device': str(device), 'amp': args.amp,
               'batch_size': args.batch_size, 'n_frames': args.n_frames, 'samples_per_s': args.batch_size * world / step_s,
-              'step_s': step_s, 'model_tflops': tflops, 'peak_tflops': peak, 'mfu': tflops / peak,
-              'peak_memory_gb': memory / 2 ** 30}
+              'step_s': step_s, 'teacher_s': teacher_s, 'teacher_share': teacher_s / step_s, 'model_tflops': tflops,
+              'peak_tflops': peak, 'mfu': tflops / peak, 'peak_memory_gb': memory / 2 ** 30}
     say(json.dumps(result))
     return result
 
