@@ -242,7 +242,7 @@ def _rms(x):
 
 
 def _event(x, rng):
-    """Keep a random 0.6 s to full-length stretch of x (20 ms fades), silence elsewhere."""
+    """Keep a random stretch of 30-100 % of x (20 ms fades), silence elsewhere; unit RMS before the envelope."""
     n = len(x)
     length = int(rng.uniform(0.3, 1.0) * n)
     start = int(rng.integers(0, n - length + 1))

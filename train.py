@@ -192,6 +192,9 @@ def train(args, ddp, rank, world, device):
     targets = targets.to(device) if targets is not None else None
     weights = {'loss_cls': args.lambda_cls}  # lambda for each named term; 1 for terms not listed (SupMAM Eq. 3)
 
+    def weighted_total(terms):
+        return sum(weights.get(k, 1.0) * v for k, v in terms.items())
+
     # Model and optimizer. Same seed on every rank for the init, then a per-rank stream for masking.
     torch.manual_seed(args.seed)
     args.dec_dim = args.dec_dim or min(512, VIT_PRESETS[args.model]['width'])  # (ours) no decoder wider than a small encoder
@@ -267,15 +270,20 @@ def train(args, ddp, rank, world, device):
                 y = targets[batch['index'].to(device)] if targets is not None else None
                 return e, b, batch['wave'].to(device, non_blocking=True), y
 
+    def teacher_targets(wave):
+        """(B, L) -> (B, N, 768) CLAP targets: fp32 front-end, trunk under the run's autocast."""
+        with torch.no_grad(), autocast:
+            return teacher(wave, cfg.grid)
+
     def forward_backward(wave, y, micro):
         """One micro-step. Returns the loss terms, averaged over ranks, as floats."""
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             spec = frontend(wave)  # (B, 1, F, T), always fp32
-            target = teacher(wave, cfg.grid) if teacher else None  # (B, N, 768): fp32 front-end, autocast trunk
+        target = teacher_targets(wave) if teacher else None
         with model.no_sync() if ddp and micro < args.accum - 1 else nullcontext():
             with autocast:
                 terms = model(spec, y, target)
-            loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            loss = weighted_total(terms)
             vals = torch.stack([v.detach().float() for v in terms.values()])
             if ddp:
                 dist.all_reduce(vals)
@@ -298,7 +306,7 @@ def train(args, ddp, rank, world, device):
 
     if args.bench:
         return bench(args, device, world, next_batch()[2:], forward_backward, optimizer_step, say,
-                     teacher and (lambda wave: teacher(wave, cfg.grid)))
+                     teacher_targets if teacher else None)
 
     log = open(os.path.join(args.out, 'log.jsonl'), 'a') if master else None
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc=args.method)
@@ -318,8 +326,7 @@ def train(args, ddp, rank, world, device):
         if step % args.log_every == 0 or step == total_steps:
             n, dt = window.pop('n'), time.perf_counter() - t_log
             terms = {k: v / n for k, v in window.items()}
-            loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
-            record = {'step': step, 'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'], 'loss': loss,
+            record = {'step': step, 'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'], 'loss': weighted_total(terms),
                       **terms, 'samples_per_s': n * eff_batch / dt}
             window, t_log = {}, time.perf_counter()
             if master:
@@ -371,11 +378,10 @@ def bench(args, device, world, batch, forward_backward, optimizer_step, say, tea
     flops = counter.get_total_flops()
     teacher_s = 0.0
     if teacher:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp != 'none'):
-            with FlopCounterMode(display=False) as counter:
-                teacher(batch[0])
-            flops -= counter.get_total_flops()
-            teacher_s = timed(lambda: teacher(batch[0]), args.bench)
+        with FlopCounterMode(display=False) as counter:
+            teacher(batch[0])
+        flops -= counter.get_total_flops()
+        teacher_s = timed(lambda: teacher(batch[0]), args.bench)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     step_s = timed(step, args.bench)
