@@ -7,6 +7,7 @@ T frames. Manifest columns (SPEC §6): file (required), label (`;`-separated), c
 """
 import csv
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 SAMPLE_RATE = 16000
 HOP = 160  # 10 ms frame shift for both front-ends
@@ -122,6 +124,54 @@ def label_table(rows, source):
     for i, r in enumerate(rows):
         targets[i, [names.index(name) for name in r['labels']]] = 1.0
     return names, targets
+
+
+def row_captions(row):
+    """A row's captions; a row with labels but no caption gets "The sound of A, B, and C." (ref:
+    M2D-CLAP §4.1; underscores in label names become spaces, ours)."""
+    if row['captions']:
+        return row['captions']
+    names = [name.replace('_', ' ') for name in row['labels']]
+    if len(names) <= 2:
+        return [f"The sound of {' and '.join(names)}."] if names else []
+    return [f"The sound of {', '.join(names[:-1])}, and {names[-1]}."]
+
+
+def caption_ids(rows, texts, source):
+    """(n_rows, max captions) ids into `texts`, padded with each row's first id, and (n_rows,) caption
+    counts; a method that needs captions refuses rows with neither a caption nor a label."""
+    missing = [r['file'] for r in rows if not row_captions(r)]
+    if missing:
+        raise SystemExit(f"error: {source}: {len(missing)} of {len(rows)} rows have neither a caption nor a label "
+                         f"(e.g. {missing[0]}); this method trains on audio-text pairs and needs a 'caption' "
+                         "(or at least a 'label') on every row")
+    index = {t: i for i, t in enumerate(texts)}
+    ids = [[index[t] for t in row_captions(r)] for r in rows]
+    width = max(map(len, ids))
+    return torch.tensor([i + i[:1] * (width - len(i)) for i in ids]), torch.tensor([len(i) for i in ids])
+
+
+def caption_embeddings(manifest, name, encode, progress=True, batch_size=256):
+    """Every caption text of the manifest (all splits) and its embedding by the frozen sentence
+    encoder `name`: (texts, (U, d_s) float32). Computed once with `encode` (list of str -> tensor)
+    and cached next to the manifest, keyed by the manifest and the encoder name; a later run reads
+    the cache as long as the manifest's texts are unchanged."""
+    texts = sorted({t for r in read_manifest(manifest) for t in row_captions(r)})
+    stem = os.path.splitext(os.path.basename(manifest))[0]
+    path = os.path.join(os.path.dirname(os.path.abspath(manifest)),
+                        f".{stem}.capemb.{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.pt")
+    if os.path.exists(path):
+        cache = torch.load(path, weights_only=True)
+        if cache['texts'] == texts:
+            return texts, cache['embeddings']
+    with torch.no_grad():
+        emb = torch.cat([encode(texts[i:i + batch_size]).float().cpu() for i in
+                         tqdm(range(0, len(texts), batch_size), desc=f'caption embeddings ({name})', disable=not progress)])
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')  # every DDP rank may write: atomic rename
+    with os.fdopen(fd, 'wb') as f:
+        torch.save({'encoder': name, 'texts': texts, 'embeddings': emb}, f)
+    os.replace(tmp, path)
+    return texts, emb
 
 
 def load_audio(path):

