@@ -167,9 +167,14 @@ def caption_embeddings(manifest, name, encode, progress=True, batch_size=256):
     with torch.no_grad():
         emb = torch.cat([encode(texts[i:i + batch_size]).float().cpu() for i in
                          tqdm(range(0, len(texts), batch_size), desc=f'caption embeddings ({name})', disable=not progress)])
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')  # every DDP rank may write: atomic rename
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')  # every DDP rank may write: atomic rename
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the caption-embedding cache next to {manifest} ({e}); copy the manifest "
+                         "to a writable folder (its file paths may be absolute)")
     with os.fdopen(fd, 'wb') as f:
         torch.save({'encoder': name, 'texts': texts, 'embeddings': emb}, f)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return texts, emb
 

