@@ -781,6 +781,10 @@ def test_m2d2_stage1_then_stage2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.get_args(['--method', 'm2d2', '--stage', '2'])  # refuses to start without a stage-1 checkpoint
     assert 'pass --init <stage-1 checkpoint>' in capsys.readouterr().err
+    for wrong in (['--method', 'm2d', '--lambda_cls', '0.1'], ['--method', 'audiomae', '--lambda_clap', '0.1']):
+        with pytest.raises(SystemExit):
+            train.get_args(wrong)
+        assert '--lambda_cls and --target belong to the AudioMAE family' in capsys.readouterr().err
     _, last = run_train(capsys, tmp_path / 's2', '--stage', '2', '--steps', '2', '--n_frames', '96',
                         '--init', str(tmp_path / 's1' / 'checkpoint.pt'), method='m2d2')
     assert set(k for k in last if k.startswith(('loss_', 'acc_'))) == {'loss_clap', 'acc_a2t'}

@@ -141,6 +141,8 @@ def get_args(argv=None):
         p.error('--stage 2 exists for --method m2d2 only')
     p.set_defaults(**{'crop_frames': None, **PRESETS[known.method], **(STAGE2 if known.stage == 2 else {})})
     args = p.parse_args(argv)
+    if args.arch == 'mae' and args.lambda_clap or args.arch != 'mae' and (args.lambda_cls or args.target):
+        p.error('--lambda_cls and --target belong to the AudioMAE family, --lambda_clap to the M2D family')
     if args.arch == 'clap' and not args.init:
         p.error('--method m2d2 --stage 2 trains on top of a stage-1 audio encoder: pass --init <stage-1 checkpoint>, '
                 'e.g. --init runs/m2d2/checkpoint.pt from --method m2d2 --stage 1')
