@@ -404,8 +404,7 @@ class M2D(nn.Module):
         if text_dim:  # M2D-CLAP: joint width E = D with text_proj (ref), else the sentence width d_s (paper)
             E = D if text_proj else text_dim
             self.audio_proj = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, E)).apply(init_weights)
-            self.text_proj = nn.Linear(text_dim, E).apply(init_weights) if E != text_dim else nn.Identity()
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init, tau = 0.07
+            self.text_proj, self.logit_scale = text_side(text_dim, E)
 
     def forward(self, spec, text=None):
         """spec (B, 1, F, T); text (B, d_s) sentence embeddings (M2D-CLAP) -> named terms."""
@@ -442,6 +441,13 @@ def clap_terms(audio, text, logit_scale):
         sim = F.normalize(audio.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T  # (B, B) cosine
         acc = (sim.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean()
     return {'loss_clap': losses.clap_loss(audio, text, logit_scale.exp()), 'acc_a2t': acc}
+
+
+def text_side(text_dim, E):
+    """text_proj (a Linear to the joint width E when the widths differ, else Identity) and the
+    learnable logit scale 1/tau, initialized at 1/0.07 (CLIP's; M2D-CLAP §3.2)."""
+    proj = nn.Linear(text_dim, E).apply(init_weights) if text_dim != E else nn.Identity()
+    return proj, nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
 def clamp_logit_scale(logit_scale):
@@ -521,9 +527,7 @@ class CLAPStage2(nn.Module):
         self.encoder = ViT(cfg).requires_grad_(unfreeze)
         self.audio_proj = AudioToSemantic(D, sem_depth)
         self.text_encoder = SentenceEncoder(text_encoder)
-        self.text_proj = nn.Linear(self.text_encoder.dim, D).apply(init_weights) if self.text_encoder.dim != D \
-            else nn.Identity()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.text_proj, self.logit_scale = text_side(self.text_encoder.dim, D)
 
     def forward(self, spec, text):
         """spec (B, 1, F, T); text: list of B captions -> named terms."""

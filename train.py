@@ -291,9 +291,9 @@ def train(args, ddp, rank, world, device):
                                                            if 'args' in ckpt else ''))
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        if (ckpt['args']['method'], ckpt['args'].get('stage', 1)) != (args.method, args.stage):
-            raise SystemExit(f"error: {ckpt_path} is a {ckpt['args']['method']} (stage {ckpt['args'].get('stage', 1)}) "
-                             f"checkpoint, not {args.method} (stage {args.stage})")
+        method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)
+        if (method, stage) != (args.method, args.stage):
+            raise SystemExit(f"error: {ckpt_path} is a {method} (stage {stage}) checkpoint, not {args.method} (stage {args.stage})")
         load_state(raw_model, ckpt['model'], ckpt_path)
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
