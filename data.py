@@ -58,9 +58,12 @@ class FrontEnd(torch.nn.Module):
     @property
     def n_samples(self):
         """Waveform length that yields exactly n_frames frames."""
+        return self.samples_for(self.n_frames)
+
+    def samples_for(self, frames):
         if self.name == 'fbank128':
-            return (self.n_frames - 1) * HOP + 400  # kaldi snip_edges: frames = 1 + (L - 400) // 160
-        return (self.n_frames - 1) * HOP  # centered STFT: frames = 1 + L // 160
+            return (frames - 1) * HOP + 400  # kaldi snip_edges: frames = 1 + (L - 400) // 160
+        return (frames - 1) * HOP  # centered STFT: frames = 1 + L // 160
 
     @torch.autocast('cuda', enabled=False)
     @torch.autocast('cpu', enabled=False)
@@ -200,11 +203,12 @@ class AudioDataset(Dataset):
     """Decodes and crops clips; a file that cannot be used comes back as {'bad': path}.
 
     Random crops are drawn from a generator seeded by (seed, epoch, index), so a resumed run
-    sees exactly the crops an uninterrupted run would have seen.
+    sees exactly the crops an uninterrupted run would have seen. With whole=True a clip comes
+    back whole, only zero-padded to at least n_samples (evaluation).
     """
 
-    def __init__(self, rows, n_samples, random_crop=True, seed=0):
-        self.rows, self.n_samples, self.random_crop, self.seed = rows, n_samples, random_crop, seed
+    def __init__(self, rows, n_samples, random_crop=True, seed=0, whole=False):
+        self.rows, self.n_samples, self.random_crop, self.seed, self.whole = rows, n_samples, random_crop, seed, whole
         self.epoch = 0
 
     def __len__(self):
@@ -220,6 +224,8 @@ class AudioDataset(Dataset):
         if len(wave) == 0 or not torch.isfinite(wave).all():
             print(f"warning: skipping {'empty' if len(wave) == 0 else 'non-finite'} audio file {path}", file=sys.stderr)
             return {'bad': path}
+        if self.whole:
+            return {'wave': F.pad(wave, (0, max(self.n_samples - len(wave), 0))), 'index': i}
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.random_crop else None
         return {'wave': crop_or_pad(wave, self.n_samples, rng), 'index': i}
 

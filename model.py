@@ -9,12 +9,15 @@ frequency-major (index = f * Tp + t); K visible and M masked tokens; D encoder w
 Dd decoder width, d_s sentence-embedding width, E joint audio-text width. Mask convention:
 mask (B, N), 1 = masked (hidden from the encoder).
 """
+import argparse
 import importlib.util
 import math
 import os
+import pickle
+import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -33,6 +36,7 @@ class ViTConfig:
     patch: int = 16
     n_mels: int = 128
     n_frames: int = 1024
+    final_norm: bool = True  # False: no LayerNorm after the blocks (AudioMAE's fine-tuned models pool first)
 
     @property
     def grid(self):
@@ -134,6 +138,82 @@ def load_state(module, state, source):
     module.load_state_dict(state)
 
 
+def resize_pos_embed(pos, grid, new_grid):
+    """(1, 1+N, D) position table on `grid` -> (1, 1+N', D) on `new_grid`: bicubic interpolation of the patch
+    part over (Fp, Tp), CLS kept (ref: MAE/M2D fine-tuning with inputs of another length)."""
+    x = pos[:, 1:].unflatten(1, tuple(grid)).permute(0, 3, 1, 2)  # (1, D, Fp, Tp)
+    x = F.interpolate(x.float(), size=tuple(new_grid), mode='bicubic', align_corners=False)
+    return torch.cat([pos[:, :1], x.flatten(2).transpose(1, 2)], 1)  # (1, 1+N', D)
+
+
+def read_checkpoint(path):
+    """A checkpoint of this project, or an official release converted to its layout (SPEC §7).
+
+    Returns {'model': state dict in our key names, 'model_config': ViTConfig fields, 'frontend':
+    FrontEnd config, 'args': at least 'method' and 'text_encoder'}.
+    """
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint file at {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official releases pickle their args
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
+    return ckpt if 'model_config' in ckpt else convert_official(ckpt, path)
+
+
+def convert_official(ckpt, path):
+    """nttcslab M2D / M2D-CLAP and AudioMAE releases (timm ViT keys) -> our layout.
+
+    M2D's image is (freq, time) like ours. AudioMAE's is (time, freq): its patch kernel is transposed and
+    its position table reordered from t*Fp + f to our f*Tp + t. Parts that are not the encoder or the
+    audio-text heads (decoders, M2D targets, task heads) are dropped, and named.
+    """
+    state = ckpt.get('model', ckpt)
+    for prefix in ('module.ar.runtime.backbone.', 'backbone.', 'module.'):  # EVAR fine-tuned, RuntimeM2D, DDP
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
+        raise SystemExit(f"error: {path} is neither a checkpoint of this project (no 'model_config') nor an official "
+                         f"M2D/M2D-CLAP/AudioMAE release (no timm ViT keys); its keys start with {list(state)[:6]}")
+    w, pos = state['patch_embed.proj.weight'], state['pos_embed']
+    p, N, D = w.shape[-1], pos.shape[1] - 1, pos.shape[2]
+    m2d = 'norm_stats' in state or 'target_norm.weight' in state
+    n_mels = 80 if m2d else 128
+    Fp = n_mels // p
+    if N % Fp:
+        raise SystemExit(f"error: {path}: {N} position embeddings do not form a grid of {Fp} frequency rows "
+                         f"({'M2D' if m2d else 'AudioMAE'}, {n_mels} mel bins, patch {p}); unsupported release")
+    Tp = N // Fp
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))  # e.g. m2d_clap_vit_base-80x1001p16x16-240128
+    enc = {k: v for k, v in state.items() if k.startswith(('cls_token', 'blocks.', 'norm.'))}
+    enc['patch_embed.bias'] = state['patch_embed.proj.bias']
+    if m2d:
+        size = re.search(r'-80x(\d+)p', folder)  # the only record of a length that is not a multiple of p (1001)
+        n_frames = int(size[1]) if size and int(size[1]) // p == Tp else Tp * p
+        enc['patch_embed.weight'], enc['pos_embed'] = w, pos
+        mean, std = state['norm_stats'].tolist() if 'norm_stats' in state else (-7.1, 4.2)  # 2022 releases: default
+        frontend = dict(name='mel80', n_frames=n_frames, mean=mean, std=std)
+    else:
+        n_frames = Tp * p
+        enc['patch_embed.weight'] = w.transpose(2, 3)  # kernel (t, f) -> (f, t)
+        enc['pos_embed'] = torch.cat([pos[:, :1], pos[:, 1:].unflatten(1, (Tp, Fp)).transpose(1, 2).flatten(1, 2)], 1)
+        frontend = dict(name='fbank128', n_frames=n_frames, mean=-4.2677393, std=4.5689974 * 2)
+    cfg = ViTConfig(width=D, depth=1 + max(int(k.split('.')[1]) for k in enc if k.startswith('blocks.')),
+                    heads=D // 64, patch=p, n_mels=n_mels, n_frames=n_frames, final_norm='norm.weight' in state)
+    model = {'encoder.' + k: v for k, v in enc.items()}
+    model.update({k: v for k, v in state.items() if k.startswith(('audio_proj.', 'text_proj.'))
+                  or k.startswith('text_encoder.model.') and '.pooler.' not in k})  # GTE weights in "...TI" releases
+    used = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'pos_embed', 'norm_stats', *enc, *model}
+    print(f"{path}: official {'M2D' if m2d else 'AudioMAE'} release, {D}-d x {cfg.depth} blocks, input "
+          f"{n_mels} x {n_frames} frames; not used: {sorted({k.split('.')[0] for k in state if k not in used})}")
+    # M2D-CLAP releases name their text encoder in the folder: none or A = GTE-base (mean pooling, as ours);
+    # B (BERT, CLS pooling) and N (NV-Embed-v2) are not supported by SentenceEncoder.
+    kind = re.search(r'-\d+x\d+p\d+x\d+(?:p\d+k)?p([ABN])', folder)
+    text_encoder = 'thenlper/gte-base' if not kind or kind[1] == 'A' else None
+    return {'model': model, 'model_config': asdict(cfg), 'frontend': frontend,
+            'args': {'method': 'official ' + ('m2d' if m2d else 'audiomae'), 'text_encoder': text_encoder}}
+
+
 def init_weights(m):
     """xavier-uniform Linear (and patch conv, treated as a Linear), zero biases (ref: MAE)."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -169,10 +249,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block (timm key names, LayerNorm eps 1e-6)."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0):
+    def __init__(self, dim, heads, mlp_ratio=4.0, eps=1e-6):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, attn_mask=None):
         x = x + self.attn(self.norm1(x), attn_mask)
@@ -191,17 +271,22 @@ class ViT(nn.Module):
         pos = torch.cat([torch.zeros(1, D), sincos_pos_embed(D, cfg.grid)])  # CLS gets a zero embedding (ref: M2D)
         self.register_buffer('pos_embed', pos[None])  # (1, 1+N, D), fixed
         self.blocks = nn.ModuleList([Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.norm = nn.LayerNorm(D, eps=1e-6) if cfg.final_norm else nn.Identity()
         self.apply(init_weights)
         nn.init.normal_(self.cls_token, std=0.02)
         assert self.pos_embed.shape[1] == 1 + N
 
     def embed(self, spec):
-        """(B, 1, F, T) -> patch tokens with position embeddings (B, N, D)."""
-        assert spec.shape[2:] == (self.cfg.n_mels, self.cfg.n_frames), \
-            f"input {tuple(spec.shape[2:])} does not match the model's {(self.cfg.n_mels, self.cfg.n_frames)}"
-        x = self.patch_embed(spec).flatten(2).transpose(1, 2)  # (B, N, D), frequency-major
-        return x + self.pos_embed[:, 1:]
+        """(B, 1, F, T) -> patch tokens with position embeddings (B, Fp*t, D), t = T // p time columns.
+
+        An input shorter than the model's uses the first t columns of the position table (ref: M2D runtime).
+        """
+        (Fp, Tp), t = self.cfg.grid, spec.shape[3] // self.cfg.patch
+        assert spec.shape[2] == self.cfg.n_mels and 0 < t <= Tp, \
+            f"input {tuple(spec.shape[2:])} does not fit the model's {(self.cfg.n_mels, self.cfg.n_frames)}"
+        x = self.patch_embed(spec).flatten(2).transpose(1, 2)  # (B, Fp*t, D), frequency-major
+        pos = self.pos_embed[:, 1:].unflatten(1, (Fp, Tp))[:, :, :t].flatten(1, 2)  # (1, Fp*t, D)
+        return x + pos
 
     def encode(self, x, ids=None, blocks=None, norm=None):
         """Patch tokens x (B, N, D), the ones to encode ids (B, K) or None for all -> (B, 1+K, D), CLS first.
@@ -495,13 +580,13 @@ class SentenceEncoder(nn.Module):
 class AudioToSemantic(nn.Module):
     """M2D2 stage-2 audio projector (ref: M2D-CLAP 2025): a learned token prepended to all patch
     tokens, 1-4 single-head Transformer blocks (MLP ratio 1 for 1-2 blocks, 2 for 3-4), LayerNorm;
-    the output is that token."""
+    the output is that token. Its LayerNorms keep PyTorch's default eps 1e-5, as the reference's."""
 
     def __init__(self, dim, depth=1):
         super().__init__()
         assert 1 <= depth <= 4, f"AudioToSemantic has 1-4 blocks, not {depth}"
         self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.sem_blocks = nn.ModuleList([Block(dim, 1, 1.0 if depth <= 2 else 2.0) for _ in range(depth)])
+        self.sem_blocks = nn.ModuleList([Block(dim, 1, 1.0 if depth <= 2 else 2.0, eps=1e-5) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
 

@@ -775,6 +775,11 @@ def test_m2d_methods_train(tmp_path, capsys, method, terms):
     if method == 'm2d_clap':
         assert ckpt['args']['text_encoder'] == M.OFFLINE_TEXT_ENCODER and ckpt['args']['text_dim'] == 384
         assert ckpt['model']['logit_scale'] <= math.log(100)
+    else:  # downstream from a real checkpoint: linear evaluation works, zero-shot is refused
+        rec = finetune.main(['--ckpt', str(tmp_path / 'checkpoint.pt'), '--epochs', '5', *FT, '--out', str(tmp_path / 'lin')])
+        assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
+        with pytest.raises(SystemExit, match=r'\(m2d\) has no audio-text head'):
+            zeroshot.main(['--ckpt', str(tmp_path / 'checkpoint.pt')])
 
 
 def test_m2d2_stage1_then_stage2(tmp_path, capsys):
@@ -806,6 +811,9 @@ def test_m2d2_stage1_then_stage2(tmp_path, capsys):
         cwd=HERE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout and 'loss_clap' in json.loads(out.stdout.splitlines()[-1])
+    for stage in ('s1', 's2'):  # zero-shot through each stage's own text path: frozen MiniLM + Linear, trained MiniLM
+        rec = zeroshot.main(['--ckpt', str(tmp_path / stage / 'checkpoint.pt'), '--retrieval', '--num_workers', '0'])
+        assert rec['clips'] == 120 and rec['classes'] == 12 and 0 <= rec['accuracy'] <= 1 and 0 <= rec['t2a_R@5'] <= 1
 
 
 def test_clap_methods_refuse_a_manifest_without_captions_or_labels(tmp_path, capsys):
@@ -813,3 +821,222 @@ def test_clap_methods_refuse_a_manifest_without_captions_or_labels(tmp_path, cap
     with pytest.raises(SystemExit, match='8 of 8 rows have neither a caption nor a label'):
         run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', rows, header='file'), method='m2d_clap')
     assert not os.path.exists(tmp_path / 'log.jsonl')
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream: finetune.py, zeroshot.py, official weights
+
+import finetune  # noqa: E402
+import zeroshot  # noqa: E402
+
+FT = ['--num_workers', '0', '--batch_size', '8']
+
+
+def tone_manifest(tmp_path, n_per_class=6, seconds=1.0, header='file,label,split', extra=lambda c, i: ['test' if i >= 4 else 'train']):
+    """Three easy classes (low tone, high tone, noise), one row per clip."""
+    rows, rng = [], np.random.default_rng(0)
+    t = np.arange(int(16000 * seconds)) / 16000
+    for c, make in enumerate([lambda: np.sin(2 * np.pi * 200 * t), lambda: np.sin(2 * np.pi * 3000 * t),
+                              lambda: rng.standard_normal(len(t))]):
+        for i in range(n_per_class):
+            path = write_wav(tmp_path / f'c{c}_{i}.wav', 0.3 * make() + 0.01 * rng.standard_normal(len(t)))
+            rows.append(','.join([path, ['low', 'high', 'noise'][c], *map(str, extra(c, i))]))
+    return write_manifest(tmp_path / 'm.csv', rows, header)
+
+
+def test_pos_embed_resize_keeps_values_at_the_same_grid():
+    pos = torch.randn(1, 1 + 5 * 12, 16)
+    assert torch.allclose(M.resize_pos_embed(pos, (5, 12), (5, 12)), pos, atol=1e-6)
+    const_t = torch.cat([torch.randn(1, 1, 16), torch.randn(1, 5, 1, 16).expand(1, 5, 12, 16).flatten(1, 2)], 1)
+    out = M.resize_pos_embed(const_t, (5, 12), (5, 30))  # constant along time stays constant, CLS kept
+    assert out.shape == (1, 1 + 5 * 30, 16) and torch.equal(out[:, 0], const_t[:, 0])
+    assert torch.allclose(out[:, 1:].view(5, 30, 16), const_t[:, 1:].view(5, 12, 16)[:, :1].expand(5, 30, 16), atol=1e-5)
+
+
+def test_short_inputs_use_the_first_columns_of_the_position_table():
+    torch.manual_seed(0)
+    long, short = M.ViT(M.ViTConfig(64, 2, 2, n_mels=32, n_frames=64)), M.ViT(M.ViTConfig(64, 2, 2, n_mels=32, n_frames=32))
+    short.load_state_dict(long.state_dict() | {'pos_embed': short.pos_embed})
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(long(x), short(x), atol=1e-5)  # sin-cos tables agree on the shared columns
+    with pytest.raises(AssertionError, match='does not fit'):
+        short(torch.randn(1, 1, 32, 64))
+
+
+def test_encode_clip_chunks_a_long_clip_and_pads_the_last_chunk():
+    torch.manual_seed(0)
+    enc = M.ViT(M.ViTConfig(64, 1, 2, n_mels=32, n_frames=48)).eval()
+    spec = torch.randn(2, 1, 32, 3 * 48 + 21)  # three full chunks and 21 frames -> padded to 32
+    with torch.no_grad():
+        tokens = finetune.encode_clip(enc, spec)
+        chunks = [enc(spec[..., i * 48:(i + 1) * 48]) for i in range(3)]
+        chunks.append(enc(torch.nn.functional.pad(spec[..., 144:], (0, 11))))
+    expect = torch.cat([c[:, 1:].view(2, 2, -1, 64) for c in chunks], 2)  # (B, Fp, t, D)
+    assert tokens.shape == (2, 2, 3 * 3 + 2, 64) and torch.allclose(tokens, expect, atol=1e-5)
+
+
+def test_metrics_against_hand_computed_values():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.6], [0.1, 0.2]])
+    targets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
+    # class 0: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2; class 1: ranks 1 and 2 (0.7, 0.6) -> (1 + 1) / 2
+    assert math.isclose(finetune.mean_average_precision(scores, targets), ((1 + 2 / 3) / 2 + 1) / 2, rel_tol=1e-6)
+    assert finetune.accuracy(scores[:2], torch.tensor([[1, 0], [0, 1]])) == 0.5  # row 2 predicts class 0
+    sim = torch.tensor([[0.9, 0.5, 0.1, 0.3], [0.2, 0.4, 0.8, 0.6], [0.1, 0.7, 0.3, 0.2]])
+    positive = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    # best positive ranks: query 0 -> 1 higher (0.9) = rank 1; query 1 -> 0 higher; query 2 -> 3 higher (0.7, 0.3, ...)
+    assert zeroshot.recall_at_k(sim, positive, ks=(1, 2, 4)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 4: 1.0}
+
+
+def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
+    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'linear', '--epochs', '30', *FT,
+                         '--out', str(tmp_path / 'lin')])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(rec)) and last['metric'] == 'accuracy' and last['test'] > 0.5  # chance 1/12
+    head = torch.load(tmp_path / 'lin' / 'best_split.pt', weights_only=True)
+    assert head['head']['weight'].shape == (12, 5 * 192) and len(head['class_names']) == 12  # EVAR features: Fp x D
+    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '1', '--warmup', '0',
+                         *FT, '--out', str(tmp_path / 'ft'), '--freeze_embed', '--layer_decay', '0.75'])
+    assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
+    best = torch.load(tmp_path / 'ft' / 'best_split.pt', weights_only=True)
+    assert best['model']['head.1.weight'].shape == (12, 192) and best['model_config']['n_frames'] == data.DEMO_FRAMES
+
+
+def test_kfold_multilabel_and_chunked_clips(tmp_path, capsys):
+    kfold = tone_manifest(tmp_path, 6, 0.5, 'file,label,fold', lambda c, i: [1 + i % 3])
+    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--data', kfold, '--epochs', '50', *FT,
+                         '--out', str(tmp_path / 'k')])
+    assert len(rec['folds']) == 3 and rec['test'] > 0.5 and rec['std'] >= 0
+    assert sorted(os.listdir(tmp_path / 'k')) == ['best_fold1.pt', 'best_fold2.pt', 'best_fold3.pt']
+    (tmp_path / 'ml').mkdir()
+    multi = tone_manifest(tmp_path / 'ml', 6, 4.0, 'file,label,split')  # 4 s clips: 401 frames = 2 chunks + 17 frames
+    text = open(multi).read().replace(',noise,', ',noise;high,')  # multi-label rows
+    open(multi, 'w').write(text)
+    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--data', multi, '--n_frames', '192', '--epochs', '2',
+                         '--mode', 'finetune', '--warmup', '0', '--mixup', '0', *FT, '--out', str(tmp_path / 'f')])
+    assert rec['metric'] == 'mAP' and 0 < rec['test'] <= 1
+    rows = text.splitlines()
+    write_manifest(tmp_path / 'bad.csv', rows[1:] + [rows[-1].replace(',test', ',test').replace('noise;high', 'siren')],
+                   rows[0])
+    with pytest.raises(SystemExit, match=r"labels not in the training rows: \['siren'\]"):
+        finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--data', str(tmp_path / 'bad.csv'), *FT])
+    with pytest.raises(SystemExit, match="needs a 'fold' column, or a 'split' column with train and test rows"):
+        finetune.main(['--ckpt', 'none', '--data', write_manifest(tmp_path / 'nosplit.csv', [rows[1].rsplit(',', 1)[0]],
+                                                                    'file,label'), *FT])
+
+
+def test_zeroshot_predictions_of_a_hand_built_checkpoint(tmp_path, sentence_encoder):
+    """Encoder: tokens carry the patch mean in channel 0 (identity blocks, no final norm, zero positions).
+    Audio projector: (relu(m) + 0.1, relu(-m) + 0.1) of the token mean m. Text projector: solved so that the
+    prompt of 'loud' maps to (1, 0) and of 'quiet' to (0, 1). So clips with a normalized log-mel above 0 must
+    be 'loud', and the less loud a loud clip, the higher its 'quiet' score."""
+    D, cfg = 8, M.ViTConfig(8, 1, 1, n_mels=80, n_frames=32, final_norm=False)
+    state = {k: torch.zeros_like(v) for k, v in M.ViT(cfg).state_dict().items()}
+    state['patch_embed.weight'][0] = 1 / 256
+    model = {'encoder.' + k: v for k, v in state.items()}
+    w0 = torch.zeros(2, D)
+    w0[0, 0], w0[1, 0] = 1, -1
+    model.update({'audio_proj.0.weight': w0, 'audio_proj.0.bias': torch.zeros(2),
+                  'audio_proj.2.weight': torch.eye(2), 'audio_proj.2.bias': torch.full((2,), 0.1)})
+    prompts = torch.stack([sentence_encoder([f'{c} can be heard'])[0] for c in ('loud', 'quiet')]).double()  # (2, 384)
+    model.update({'text_proj.weight': torch.linalg.pinv(prompts).T.float(), 'text_proj.bias': torch.zeros(2)})
+    ckpt = tmp_path / 'hand.pt'
+    torch.save({'model': model, 'model_config': vars(cfg), 'frontend': data.FrontEnd('mel80').config(),
+                'args': {'method': 'm2d_clap', 'text_encoder': M.OFFLINE_TEXT_ENCODER}}, ckpt)
+    clips = [('loud', 0.5), ('quiet', 1e-5), ('loud', 0.2), ('quiet', 3e-5), ('quiet', 1e-4)]
+    rng = np.random.default_rng(0)
+    files = [write_wav(tmp_path / f'{i}.wav', amp * rng.standard_normal(16000 + 5000 * i)) for i, (_, amp) in enumerate(clips)]
+    def run(labels, *extra):
+        rows = [f"{f},{label},{label.split(';')[0]} noise|a sound {i}" for i, (f, label) in enumerate(zip(files, labels))]
+        return zeroshot.main(['--ckpt', str(ckpt), '--data', write_manifest(tmp_path / 'zs.csv', rows, 'file,label,caption'),
+                              '--num_workers', '0', '--amp', 'none', *extra])
+    rec = run([label for label, _ in clips])
+    assert rec['accuracy'] == 1.0 and rec['classes'] == 2 and rec['clips'] == 5
+    rec = run(['loud', 'quiet', 'loud;quiet', 'quiet', 'quiet'], '--retrieval')  # the softer loud clip is also 'quiet'
+    assert rec['mAP'] == 1.0 and {'a2t_R@1', 't2a_R@10'} <= set(rec)
+
+
+def timm_vit_forward(state, image, heads):
+    """Reference timm ViT forward in the release's own orientation: conv patches of `image`, tokens in the
+    conv's row-major order, CLS + pos_embed, pre-norm blocks, final norm (when present) -> (B, 1+N, D)."""
+    x = torch.nn.functional.conv2d(image, state['patch_embed.proj.weight'], state['patch_embed.proj.bias'], stride=16)
+    x = x.flatten(2).transpose(1, 2) + state['pos_embed'][:, 1:]
+    x = torch.cat([(state['cls_token'] + state['pos_embed'][:, :1]).expand(len(x), -1, -1), x], 1)
+    ln = lambda v, k: torch.nn.functional.layer_norm(v, v.shape[-1:], state[k + '.weight'], state[k + '.bias'], 1e-6)
+    lin = lambda v, k: v @ state[k + '.weight'].T + state[k + '.bias']
+    B, L, D = x.shape
+    for i in range(1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))):
+        b = f'blocks.{i}.'
+        q, k, v = lin(ln(x, b + 'norm1'), b + 'attn.qkv').view(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-1, -2)) / math.sqrt(D // heads)).softmax(-1) @ v
+        x = x + lin(a.transpose(1, 2).reshape(B, L, D), b + 'attn.proj')
+        x = x + lin(torch.nn.functional.gelu(lin(ln(x, b + 'norm2'), b + 'mlp.fc1')), b + 'mlp.fc2')
+    return ln(x, 'norm') if 'norm.weight' in state else x
+
+
+def official_state(n_mels, n_frames, D=64, depth=2, seed=0):
+    """Random weights with timm ViT key names for an image of (n_mels, n_frames), as the releases store them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: 0.1 * torch.randn(*s, generator=g)
+    N = (n_mels // 16) * (n_frames // 16)
+    state = {'patch_embed.proj.weight': r(D, 1, 16, 16), 'patch_embed.proj.bias': r(D), 'cls_token': r(1, 1, D),
+             'pos_embed': r(1, 1 + N, D), 'norm.weight': 1 + r(D), 'norm.bias': r(D)}
+    for i in range(depth):
+        for name, shape in [('norm1', (D,)), ('attn.qkv', (3 * D, D)), ('attn.proj', (D, D)), ('norm2', (D,)),
+                            ('mlp.fc1', (4 * D, D)), ('mlp.fc2', (D, 4 * D))]:
+            state[f'blocks.{i}.{name}.weight'] = (1 + r(*shape)) if 'norm' in name else r(*shape)
+            state[f'blocks.{i}.{name}.bias'] = r(shape[0])
+    return state
+
+
+def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, capsys):
+    folder = tmp_path / 'm2d_clap_vit_base-80x40p16x16-240128'  # 40 frames: 2 patch columns + 8 dropped frames
+    folder.mkdir()
+    state = official_state(80, 32, D=192, depth=12)
+    state.update({'norm_stats': torch.tensor([-7.5, 3.9]), 'target_blocks.0.norm1.weight': torch.ones(192),
+                  'audio_proj.0.weight': torch.randn(192, 192), 'audio_proj.0.bias': torch.randn(192),
+                  'audio_proj.2.weight': torch.randn(64, 192), 'audio_proj.2.bias': torch.randn(64)})
+    torch.save({'model': {'backbone.' + k: v for k, v in state.items()}}, folder / 'checkpoint-300.pth')  # RuntimeM2D keys
+    path = str(folder / 'checkpoint-300.pth')
+    ckpt = M.read_checkpoint(path)
+    assert "not used: ['target_blocks']" in capsys.readouterr().out
+    assert ckpt['model_config']['n_frames'] == 40 and ckpt['frontend'] == dict(name='mel80', n_frames=40, mean=-7.5,
+                                                                                 std=pytest.approx(3.9))
+    enc, fe = finetune.build_encoder(ckpt, path)
+    spec = torch.randn(2, 1, 80, 40)
+    with torch.no_grad():
+        ours, ref = enc(spec), timm_vit_forward(state, spec[..., :32], heads=3)  # the conv drops the last 8 frames
+    assert torch.allclose(ours, ref, atol=1e-5)
+    at = zeroshot.AudioText(ckpt, path, text_encoder=M.OFFLINE_TEXT_ENCODER)  # 2024 release: Identity text_proj
+    with torch.no_grad():
+        audio = at.embed_audio(spec)
+        mlp = torch.relu(ref[:, 1:].mean(1) @ state['audio_proj.0.weight'].T + state['audio_proj.0.bias'])
+        expect = torch.nn.functional.normalize(mlp @ state['audio_proj.2.weight'].T + state['audio_proj.2.bias'], dim=-1)
+    assert torch.allclose(audio, expect, atol=1e-5)
+    _, last = run_train(capsys, tmp_path / 'init', '--steps', '1', '--init', path, '--n_frames', '32', method='m2d')
+    assert 'loss_m2d' in last  # --init takes the release too (vit_tiny-shaped here)
+    del state['blocks.1.mlp.fc1.weight']
+    torch.save(state, folder / 'broken.pth')
+    with pytest.raises(SystemExit, match=r"missing: \['blocks.1.mlp.fc1.weight'\]"):
+        finetune.build_encoder(M.read_checkpoint(str(folder / 'broken.pth')), 'broken.pth')
+
+
+@pytest.mark.parametrize('finetuned', [False, True])
+def test_official_audiomae_release_loads_transposed_and_matches_the_reference(tmp_path, finetuned):
+    state = official_state(128, 64, seed=1)  # AudioMAE stores a (time, freq) image: make it 64 frames x 128 bins
+    state['patch_embed.proj.weight'] = torch.randn(64, 1, 16, 16) * 0.1
+    state['pos_embed'] = torch.randn(1, 1 + 4 * 8, 64) * 0.1  # token t*8 + f
+    if finetuned:  # fine-tuned releases pool then apply fc_norm; they have no final norm
+        state['fc_norm.weight'], state['fc_norm.bias'] = state.pop('norm.weight'), state.pop('norm.bias')
+        state['head.weight'] = torch.randn(527, 64)
+    else:
+        state['decoder_embed.weight'] = torch.randn(512, 64)
+    torch.save({'model': state, 'args': __import__('argparse').Namespace(model='vit_base')}, tmp_path / 'audiomae.pth')
+    ckpt = M.read_checkpoint(str(tmp_path / 'audiomae.pth'))
+    assert ckpt['frontend']['name'] == 'fbank128' and ckpt['model_config']['final_norm'] == (not finetuned)
+    enc, _ = finetune.build_encoder(ckpt, 'audiomae.pth')
+    spec = torch.randn(2, 1, 128, 64)  # ours: (freq, time)
+    with torch.no_grad():
+        ours = enc(spec)  # (B, 1+N, D), token f*4 + t
+        ref = timm_vit_forward(state, spec.transpose(2, 3), heads=1)  # theirs: (time, freq) image, token t*8 + f
+    ref = torch.cat([ref[:, :1], ref[:, 1:].view(2, 4, 8, 64).transpose(1, 2).flatten(1, 2)], 1)
+    assert torch.allclose(ours, ref, atol=1e-5)

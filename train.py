@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data
 from model import (M2D, OFFLINE_TEXT_ENCODER, VIT_PRESETS, AudioMAE, CLAPStage2, CLAPTeacher, SentenceEncoder,
-                   ViTConfig, load_state)
+                   ViTConfig, load_state, read_checkpoint)
 
 # Per-method flag defaults (SPEC §5); flags override any value. Two keys are not flags: `arch`
 # picks the model builder in MODELS, `crop_frames` the training crop when not the front-end's.
@@ -276,8 +276,8 @@ def train(args, ddp, rank, world, device):
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
     step, epoch, batch_idx, record, window, saved = 0, 0, 0, {}, {}, None
     if args.init:
-        ckpt = torch.load(args.init, map_location='cpu', weights_only=True)
-        enc = {k[8:]: v for k, v in ckpt.get('model', ckpt).items() if k.startswith('encoder.')}
+        ckpt = read_checkpoint(args.init)  # ours, or an official M2D / AudioMAE release
+        enc = {k[8:]: v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
         if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
             # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
             # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
@@ -285,10 +285,9 @@ def train(args, ddp, rank, world, device):
                 f"{tuple(raw_model.encoder.pos_embed.shape)}")
             enc['pos_embed'] = raw_model.encoder.pos_embed
         load_state(raw_model.encoder, enc, args.init)
-        if ckpt.get('frontend', {}).get('name') == frontend.name:  # the encoder was trained on these statistics
+        if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
             frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
-        say(f"initialized the encoder from {args.init}" + (f" ({ckpt['args']['method']}, stage {ckpt['args'].get('stage', 1)})"
-                                                           if 'args' in ckpt else ''))
+        say(f"initialized the encoder from {args.init} ({ckpt['args']['method']}, stage {ckpt['args'].get('stage', 1)})")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)
