@@ -211,12 +211,13 @@ def linear_features(encoder):
 
 def train_linear(X, Y, Xv, Yv, multi, score, args):
     """Standardize with the training statistics, train one Linear layer with Adam, keep the epoch with the best
-    validation score (early stopping). Returns (head, mean, std, best validation score)."""
+    validation score, then the lowest validation loss; stop after --patience epochs without one (early stopping).
+    Returns (head, mean, std, best validation score)."""
     mean, std = X.mean(0), X.std(0).clamp_min(1e-6)
     X, Xv = (X - mean) / std, (Xv - mean) / std
     head = nn.Linear(X.shape[1], Y.shape[1])
     opt = torch.optim.Adam(head.parameters(), lr=args.lr)
-    best, best_state, since = -1.0, None, 0
+    best, best_state, since = (-1.0, 0.0), None, 0
     for epoch in tqdm(range(args.epochs), desc='linear', leave=False):
         for idx in torch.randperm(len(X)).split(args.batch_size):
             logits = head(X[idx])
@@ -225,13 +226,15 @@ def train_linear(X, Y, Xv, Yv, multi, score, args):
             loss.backward()
             opt.step()
         with torch.no_grad():
-            val = score(head(Xv), Yv)
-        if val > best:
+            logits = head(Xv)
+            val = (score(logits, Yv), -(F.binary_cross_entropy_with_logits(logits, Yv) if multi else
+                                        F.cross_entropy(logits, Yv)).item())
+        if val > best:  # a better score, or the same score at a lower loss (ours: small validation sets tie often)
             best, best_state, since = val, {k: v.clone() for k, v in head.state_dict().items()}, 0
         elif (since := since + 1) >= args.patience:
             break
     head.load_state_dict(best_state)
-    return head, mean, std, best
+    return head, mean, std, best[0]
 
 
 def run_linear(encoder, frontend, splits, classes, multi, score, args, device, source):
