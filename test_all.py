@@ -907,6 +907,13 @@ def test_kfold_multilabel_and_chunked_clips(tmp_path, capsys):
                          '--out', str(tmp_path / 'k')])
     assert len(rec['folds']) == 3 and rec['test'] > 0.5 and rec['std'] >= 0
     assert sorted(os.listdir(tmp_path / 'k')) == ['best_fold1.pt', 'best_fold2.pt', 'best_fold3.pt']
+    (tmp_path / 'junk.wav').write_bytes(b'not audio')
+    open(kfold, 'a').write(f"{tmp_path / 'junk.wav'},low,2\n")  # 1 unreadable clip of 19
+    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--data', kfold, '--epochs', '5', '--max_bad', '0.1', *FT])
+    err = capsys.readouterr().err
+    assert 'skipping unreadable audio file' in err and 'junk.wav' in err and 'skipped 1 unreadable clip(s) of 19' in err
+    with pytest.raises(SystemExit, match='1 of 19 audio files could not be read'):
+        finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--data', kfold, *FT])
     (tmp_path / 'ml').mkdir()
     multi = tone_manifest(tmp_path / 'ml', 6, 4.0, 'file,label,split')  # 4 s clips: 401 frames = 2 chunks + 17 frames
     text = open(multi).read().replace(',noise,', ',noise;high,')  # multi-label rows
