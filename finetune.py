@@ -110,18 +110,15 @@ def encode_clip(encoder, spec):
     return torch.cat(parts, 2)
 
 
-def clip_loader(rows, frontend, args):
-    """Whole clips (at least one patch long), in manifest order, decoded by workers."""
-    ds = data.AudioDataset(rows, frontend.samples_for(16), random_crop=False, whole=True)
-    return DataLoader(ds, args.batch_size, num_workers=args.num_workers, collate_fn=list)
-
-
 @torch.no_grad()
-def clip_outputs(fn, rows, frontend, args, device, desc):
-    """fn(spec (B, 1, F, T)) -> (B, X) over every readable clip of rows, batched by equal length.
-    Returns (n_good, X) in row order and the good row indices."""
+def clip_outputs(fn, rows, frontend, patch, args, device, desc):
+    """fn(spec (B, 1, F, T)) -> (B, X) over every readable clip of rows, whole (zero-padded in the waveform to at
+    least one patch), decoded by workers, batched by equal length. Returns (n_good, X) in row order and the good
+    row indices."""
+    ds = data.AudioDataset(rows, frontend.samples_for(patch), random_crop=False, whole=True)
     outs, bad = {}, []
-    for items in tqdm(clip_loader(rows, frontend, args), desc=desc, leave=False):
+    for items in tqdm(DataLoader(ds, args.batch_size, num_workers=args.num_workers, collate_fn=list), desc=desc,
+                      leave=False):
         bad += [it['bad'] for it in items if 'bad' in it]
         items = [it for it in items if 'wave' in it]
         for length in sorted({len(it['wave']) for it in items}):
@@ -241,7 +238,7 @@ def run_linear(encoder, frontend, splits, classes, multi, score, args, device, s
     encoder.eval()
     rows = [r for _, tr, va, te in splits for r in tr + va + te]
     uniq = list({r['file']: r for r in rows}.values())  # K-fold shares clips between folds: one pass over each file
-    feats, good = clip_outputs(linear_features(encoder), uniq, frontend, args, device, 'features')
+    feats, good = clip_outputs(linear_features(encoder), uniq, frontend, encoder.cfg.patch, args, device, 'features')
     by_file = {uniq[i]['file']: f for i, f in zip(good, feats)}
     results = []
     for name, train, valid, test in splits:
@@ -389,7 +386,7 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
             bar.update()
             bar.set_postfix(loss=f'{loss.item():.4f}')
         model.eval()
-        scores, good = clip_outputs(model.clip_logits, valid, frontend, args, device, 'valid')
+        scores, good = clip_outputs(model.clip_logits, valid, frontend, encoder.cfg.patch, args, device, 'valid')
         val = score(scores, y_valid[good])
         if val > best:
             best = val
@@ -400,7 +397,7 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
     bar.close()
     model.load_state_dict(torch.load(path, weights_only=True)['model'])
     model.eval()
-    scores, good = clip_outputs(model.clip_logits, test, frontend, args, device, 'test')
+    scores, good = clip_outputs(model.clip_logits, test, frontend, encoder.cfg.patch, args, device, 'test')
     test_score = score(scores, y_test[good])
     print(f"{name}: valid {best:.4f}, test {test_score:.4f}")
     return test_score

@@ -104,7 +104,8 @@ def main(argv=None):
                          f"({sum(not r['labels'] for r in rows)} of {len(rows)} have none); --retrieval needs captions")
     if args.retrieval and not all(r['captions'] for r in rows):
         raise SystemExit(f"error: {manifest}: --retrieval needs a 'caption' on every row")
-    audio, good = clip_outputs(model.embed_audio, rows, model.frontend, args, device, 'audio')  # (n, E)
+    audio, good = clip_outputs(model.embed_audio, rows, model.frontend, model.encoder.cfg.patch, args, device,
+                                'audio')  # (n, E)
     rows = [rows[i] for i in good]
     record = {'ckpt': args.ckpt, 'clips': len(rows)}
     if labeled:
