@@ -183,19 +183,24 @@ def carve(rows, seed, fraction=0.1):
     return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
 
 
+def multi_hot(lists, names):
+    """(n, C) float: row i has 1 at the names in lists[i]."""
+    index = {c: j for j, c in enumerate(names)}
+    y = torch.zeros(len(lists), len(names))
+    for i, items in enumerate(lists):
+        y[i, [index[name] for name in items]] = 1.0
+    return y
+
+
 def label_targets(rows, classes, source):
-    """(n, C) multi-hot float targets; a label the training rows never had is an error."""
+    """(n, C) multi-hot float targets; a label outside `classes` (the training rows') is an error."""
     unknown = sorted({name for r in rows for name in r['labels']} - set(classes))
     if unknown:
         raise SystemExit(f"error: {source}: labels not in the training rows: {unknown[:10]}")
     unlabeled = [r['file'] for r in rows if not r['labels']]
     if unlabeled:
         raise SystemExit(f"error: {source}: {len(unlabeled)} rows have no label (e.g. {unlabeled[0]})")
-    index = {c: i for i, c in enumerate(classes)}
-    y = torch.zeros(len(rows), len(classes))
-    for i, r in enumerate(rows):
-        y[i, [index[name] for name in r['labels']]] = 1.0
-    return y
+    return multi_hot([r['labels'] for r in rows], classes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from finetune import accuracy, build_encoder, clip_outputs, encode_clip, mean_average_precision
+from finetune import (accuracy, build_encoder, clip_outputs, encode_clip, label_targets, mean_average_precision,
+                      multi_hot)
 from model import AudioToSemantic, SentenceEncoder, load_state, read_checkpoint
 
 
@@ -111,19 +112,14 @@ def main(argv=None):
     if labeled:
         classes = sorted({name for r in rows for name in r['labels']})
         text = model.embed_text([args.template.format(label=c.replace('_', ' ')) for c in classes])  # (C, E)
-        targets = torch.zeros(len(rows), len(classes))
-        for i, r in enumerate(rows):
-            targets[i, [classes.index(name) for name in r['labels']]] = 1.0
+        targets = label_targets(rows, classes, manifest)  # (n, C)
         scores = audio @ text.T  # (n, C) cosine
         multi = any(len(r['labels']) > 1 for r in rows)
         record.update({'classes': len(classes), 'template': args.template},
                       **({'mAP': mean_average_precision(scores, targets)} if multi else {'accuracy': accuracy(scores, targets)}))
     if args.retrieval:
         texts = sorted({c for r in rows for c in r['captions']})
-        index = {t: j for j, t in enumerate(texts)}
-        positive = torch.zeros(len(rows), len(texts), dtype=torch.bool)  # (n, U): text j is a caption of clip i
-        for i, r in enumerate(rows):
-            positive[i, [index[c] for c in r['captions']]] = True
+        positive = multi_hot([r['captions'] for r in rows], texts).bool()  # (n, U): text j is a caption of clip i
         sim = audio @ model.embed_text(texts).T  # (n, U)
         record.update({f'a2t_R@{k}': v for k, v in recall_at_k(sim, positive).items()})
         record.update({f't2a_R@{k}': v for k, v in recall_at_k(sim.T, positive.T).items()})
