@@ -137,6 +137,22 @@ def test_encoder_sees_visible_tokens_only():
     assert torch.allclose(z, z2, atol=1e-5)
 
 
+
+def test_short_cpu_attention_math_path_equals_the_flash_kernel():
+    attn = M.Attention(64, 4)
+    for L in (20, M.SHORT_CPU + 8):  # the math path (training on CPU, short) and flash (long)
+        x = torch.randn(3, L, 64, requires_grad=True)
+        mask = torch.rand(L, L) > 0.3
+        mask.fill_diagonal_(True)
+        for m in (None, mask):
+            out = attn(x, m)
+            grad, = torch.autograd.grad(out.square().sum(), x)
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                q, k, v = attn.qkv(x).view(3, L, 3, 4, 16).permute(2, 0, 3, 1, 4)
+                ref = attn.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(3, L, 64))
+            ref_grad, = torch.autograd.grad(ref.square().sum(), x)
+            assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(grad, ref_grad, atol=1e-4)
+
 # ---------------------------------------------------------------------------------------------
 # Front-ends and data
 
@@ -234,6 +250,18 @@ def test_stereo_and_other_sample_rates_are_mixed_and_resampled(tmp_path):
     assert abs(spectrum.argmax().item() - 1000) <= 1  # 1 kHz tone survives resampling (1 Hz bins)
     assert abs(wave[1000:15000].abs().max().item() - 0.4) < 0.01  # mono = mean of the channels
 
+
+def test_decoding_only_the_crop_equals_cropping_the_whole_clip(tmp_path):
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (48000, 2))
+    for name, sr in (('a.wav', 16000), ('a.flac', 16000), ('b.wav', 22050)):  # 22.05 kHz: whole decode + resample
+        path = str(tmp_path / name)
+        sf.write(path, x, sr, subtype='PCM_16')
+        whole = data.load_audio(path)
+        for seed in range(3):
+            ds = data.AudioDataset([{'file': path}], 16000, seed=seed)
+            expected = data.crop_or_pad(whole, 16000, np.random.default_rng([seed, 0, 0]))
+            assert torch.equal(ds[0]['wave'], expected)
+        assert torch.equal(data.AudioDataset([{'file': path}], 16000, random_crop=False)[0]['wave'], whole[:16000])
 
 def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path, capsys):
     good = write_wav(tmp_path / 'good.wav', np.random.default_rng(0).normal(0, 0.1, 4000))
@@ -384,7 +412,7 @@ def test_bench_prints_throughput_flops_and_mfu(tmp_path, capsys):
     result, last = run_train(capsys, tmp_path, '--bench', '2', '--frontend', 'mel80', '--no-local_attn')
     assert last == result and result['n_frames'] == data.DEMO_FRAMES
     assert result['samples_per_s'] > 0 and result['model_tflops'] > 0 and result['peak_tflops'] > 0
-    assert 0 < result['mfu'] < 1.5 and result['peak_memory_gb'] > 0
+    assert 0 < result['mfu'] < 1.5 and result['peak_memory_gb'] > 0 and result['loader_samples_per_s'] > 0
     assert not os.path.exists(tmp_path / 'checkpoint.pt')
 
 

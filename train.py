@@ -421,7 +421,9 @@ def train(args, ddp, rank, world, device):
     after_step = getattr(raw_model, 'after_step', None)
 
     if args.bench:
-        return bench(args, device, world, next_batch()[2:], forward_backward, optimizer_step, say,
+        loader = functools.partial(data.epoch_loader, dataset, args.batch_size, 0, 0, rank, world, args.seed,
+                                   args.num_workers)
+        return bench(args, device, world, next_batch()[2:], forward_backward, optimizer_step, say, loader,
                      teacher_targets if teacher else None)
 
     log = open(os.path.join(args.out, 'log.jsonl'), 'a') if master else None
@@ -471,8 +473,9 @@ def train(args, ddp, rank, world, device):
     return record
 
 
-def bench(args, device, world, batch, forward_backward, optimizer_step, say, teacher=None):
-    """Time full training steps (front-end, teacher, forward, backward, optimizer) on one fixed batch.
+def bench(args, device, world, batch, forward_backward, optimizer_step, say, loader, teacher=None):
+    """Time full training steps (front-end, teacher, forward, backward, optimizer) on one fixed batch, and the data
+    loader alone (`loader()` -> a fresh DataLoader).
 
     FLOPs and TFLOP/s are the student's; the teacher's time per step is reported on its own.
     """
@@ -507,10 +510,18 @@ def bench(args, device, world, batch, forward_backward, optimizer_step, say, tea
     peak = matmul_peak(device, {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}[args.amp])
     memory = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # The loader on its own: decode + crop with --num_workers, over up to 10 batches after the first (worker start-up).
+    batches = iter(loader())
+    next(batches)
+    t, n = time.perf_counter(), 0
+    for _, items in zip(range(10), batches):
+        n += len(items['wave'])
+    loader_rate = n / (time.perf_counter() - t)
     result = {'method': args.method, 'model': args.model, 'device': str(device), 'amp': args.amp,
               'batch_size': args.batch_size, 'n_frames': args.n_frames, 'samples_per_s': args.batch_size * world / step_s,
               'step_s': step_s, 'teacher_s': teacher_s, 'teacher_share': teacher_s / step_s, 'model_tflops': tflops,
-              'peak_tflops': peak, 'mfu': tflops / peak, 'peak_memory_gb': memory / 2 ** 30}
+              'peak_tflops': peak, 'mfu': tflops / peak, 'peak_memory_gb': memory / 2 ** 30,
+              'num_workers': args.num_workers, 'loader_samples_per_s': loader_rate * world}
     say(json.dumps(result))
     return result
 
