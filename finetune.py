@@ -105,7 +105,7 @@ def encode_clip(encoder, spec):
         z = encoder(x)[:, 1:].unflatten(1, encoder.cfg.grid)  # (B*full, Fp, Tp, D)
         parts.append(z.unflatten(0, (B, full)).permute(0, 2, 1, 3, 4).flatten(2, 3))  # (B, Fp, full*Tp, D)
     if rest:
-        x = F.pad(spec[..., full * n:], (0, -rest % p))
+        x = F.pad(spec[..., full * n:], (0, min(-rest % p, n - rest)))  # at most n frames (e.g. 999 of 1001)
         parts.append(encoder(x)[:, 1:].unflatten(1, (encoder.cfg.grid[0], -1)))  # (B, Fp, t, D)
     return torch.cat(parts, 2)
 

@@ -901,6 +901,13 @@ def test_encode_clip_chunks_a_long_clip_and_pads_the_last_chunk():
         chunks.append(enc(torch.nn.functional.pad(spec[..., 144:], (0, 11))))
     expect = torch.cat([c[:, 1:].view(2, 2, -1, 64) for c in chunks], 2)  # (B, Fp, t, D)
     assert tokens.shape == (2, 2, 3 * 3 + 2, 64) and torch.allclose(tokens, expect, atol=1e-5)
+    enc = M.ViT(M.ViTConfig(64, 1, 2, n_mels=32, n_frames=50)).eval()  # 50 frames -> 3 columns, as 1001 -> 62
+    spec = torch.randn(2, 1, 32, 50 + 49)  # a last chunk of 49 frames is padded to 50, not 64 (ref: M2D runtime)
+    with torch.no_grad():
+        tokens = finetune.encode_clip(enc, spec)
+        chunks = [enc(spec[..., :50]), enc(torch.nn.functional.pad(spec[..., 50:], (0, 1)))]
+    expect = torch.cat([c[:, 1:].view(2, 2, 3, 64) for c in chunks], 2)
+    assert tokens.shape == (2, 2, 6, 64) and torch.allclose(tokens, expect, atol=1e-5)
 
 
 def test_metrics_against_hand_computed_values():
