@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data
 from model import VIT_PRESETS, ViT, ViTConfig, load_state, read_checkpoint, resize_pos_embed, structured_masking
-from train import lr_at, save_checkpoint
+from train import keep_freed_memory, lr_at, save_checkpoint
 
 # Patch-out (fraction of time columns, of frequency rows) per front-end family (SPEC §8): AudioMAE fine-tunes
 # with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch (ref) -- we
@@ -410,6 +410,7 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
 
 def main(argv=None):
     args = get_args(argv)
+    keep_freed_memory()
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(args.seed)
     manifest = data.resolve_manifest(args.data)

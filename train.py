@@ -90,7 +90,8 @@ def get_args(argv=None):
                    f'{data.DEMO_FRAMES} on the demo set)')
     g.add_argument('--norm_stats', choices=['default', 'data'], default='default',
                    help="spectrogram mean/std: the front-end's defaults, or measured on the training set")
-    g.add_argument('--num_workers', type=int, default=2, help='decoding workers per process')
+    g.add_argument('--num_workers', type=int, help="decoding workers per process (default: this process's share "
+                   'of the CPU cores, at most 8)')
     g.add_argument('--max_bad', type=float, default=0.05, help='abort when more than this fraction of files fail')
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_base', choices=sorted(VIT_PRESETS))
@@ -148,6 +149,8 @@ def get_args(argv=None):
         p.error('--method m2d2 --stage 2 trains on top of a stage-1 audio encoder: pass --init <stage-1 checkpoint>, '
                 'e.g. --init runs/m2d2/checkpoint.pt from --method m2d2 --stage 1')
     args.out = args.out or os.path.join('runs', args.method + ('_stage2' if args.stage == 2 else ''))
+    if args.num_workers is None:  # one worker decodes ~300-900 crops/s (README, Performance): enough for a GPU at 8
+        args.num_workers = max(1, min(8, len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     return args
 
 
@@ -200,7 +203,7 @@ def matmul_peak(device, dtype):
 def keep_freed_memory():
     """glibc hands freed blocks over 128 KB straight back to the OS, so every step page-faults its activations afresh
     (on CPU a third of the step in system time). Raise the mmap and trim thresholds so they stay in the heap for
-    reuse (ours; measured on m2d vit_base, CPU: 2.56 -> 2.02 s per step). No-op without glibc."""
+    reuse (ours; measured on m2d vit_base, CPU: 2.2-2.4 -> 2.0-2.1 s per step). No-op without glibc."""
     libc = ctypes.CDLL(None)
     if hasattr(libc, 'mallopt'):
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum, 32 MiB
