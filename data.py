@@ -9,6 +9,7 @@ import csv
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -92,20 +93,40 @@ class FrontEnd(torch.nn.Module):
 def read_manifest(path, split=None):
     """Rows of a CSV manifest as dicts (file made absolute, labels and captions as lists).
 
-    With `split`, keeps the rows of that split when the manifest has a split column.
+    With `split`, keeps the rows of that split when the manifest has a split column. UTF-8 (with or without a BOM);
+    header names are stripped of spaces; quoted fields may hold commas, quotes and line breaks; optional columns may
+    be absent or empty. A row without a file, a file that is not UTF-8 text or CSV, and a manifest without rows are
+    errors naming the line; rows that repeat a file are kept, each one sample, with a warning (README, Data).
     """
-    with open(path, newline='', encoding='utf-8') as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if 'file' not in cols:
-            raise SystemExit(f"error: {path}: the manifest has no 'file' column (found columns: {cols}). "
-                             "The first line must be a header such as: file,label,caption,split")
-        root = os.path.dirname(os.path.abspath(path))
-        rows = [dict(file=os.path.join(root, r['file']),
-                     labels=[s.strip() for s in (r.get('label') or '').split(';') if s.strip()],
-                     captions=[s.strip() for s in (r.get('caption') or '').split('|') if s.strip()],
-                     split=(r.get('split') or '').strip(), fold=(r.get('fold') or '').strip())
-                for r in reader]
+    rows, seen, repeats = [], {}, []
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise SystemExit(f"error: {path}: the manifest is empty. The first line must be a header such as: "
+                                 "file,label,caption,split")
+            reader.fieldnames = cols = [c.strip() for c in reader.fieldnames]
+            if 'file' not in cols:
+                raise SystemExit(f"error: {path}: the manifest has no 'file' column (found columns: {cols}). "
+                                 "The first line must be a header such as: file,label,caption,split")
+            root = os.path.dirname(os.path.abspath(path))
+            for r in reader:
+                if not (r['file'] or '').strip():
+                    raise SystemExit(f"error: {path}, line {reader.line_num}: the row has no file: {r}")
+                if r['file'] in seen:
+                    repeats.append(f"{r['file']} (lines {seen[r['file']]} and {reader.line_num})")
+                seen.setdefault(r['file'], reader.line_num)
+                rows.append(dict(file=os.path.join(root, r['file']),
+                                 labels=[s.strip() for s in (r.get('label') or '').split(';') if s.strip()],
+                                 captions=[s.strip() for s in (r.get('caption') or '').split('|') if s.strip()],
+                                 split=(r.get('split') or '').strip(), fold=(r.get('fold') or '').strip()))
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path}: not UTF-8 text ({e}); save the manifest as UTF-8")
+    except csv.Error as e:
+        raise SystemExit(f"error: {path}, line {reader.line_num}: not a valid CSV row ({e})")
+    if repeats:
+        print(f"warning: {path}: {len(repeats)} row(s) repeat a file of an earlier row, e.g. {repeats[0]}; each row is "
+              "kept as its own sample", file=sys.stderr)
     if split and 'split' in cols:
         rows = [r for r in rows if r['split'] == split]
     if not rows:
@@ -249,6 +270,13 @@ def collate(items):
             'bad': [it['bad'] for it in items if 'bad' in it]}
 
 
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT/SIGTERM to the main process (Ctrl-C and schedulers signal every process): it
+    finishes the step and saves a checkpoint, and needs its workers alive until then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def epoch_loader(dataset, batch_size, epoch, skip=0, rank=0, world=1, seed=0, num_workers=2, pin_memory=False):
     """DataLoader for one epoch: DistributedSampler order for (seed, epoch), the first `skip` batches dropped.
 
@@ -261,7 +289,8 @@ def epoch_loader(dataset, batch_size, epoch, skip=0, rank=0, world=1, seed=0, nu
     dataset.epoch = epoch  # read by the (forked) workers when the iterator starts
     order = list(sampler)[skip * batch_size:]
     return DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True, num_workers=num_workers,
-                      collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator())
+                      collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator(),
+                      worker_init_fn=ignore_stop_signals)
 
 
 @torch.no_grad()

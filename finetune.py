@@ -39,6 +39,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', required=True, help="checkpoint (ours or an official release), or 'none' for random init")
     p.add_argument('--mode', choices=['linear', 'finetune'], default='linear')
+    p.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
+                   help='unpickle any Python object in --ckpt (can run code: only for files from a trusted source)')
     p.add_argument('--data', default='demo', help="'demo' or a CSV manifest with labels and split (or fold)")
     p.add_argument('--model', default='vit_base', choices=sorted(VIT_PRESETS), help='with --ckpt none')
     p.add_argument('--frontend', choices=sorted(data.FRONTENDS), default='mel80', help='with --ckpt none')
@@ -139,6 +141,14 @@ def check_bad(bad, total, max_bad):
                          f"e.g. {bad[:3]}")
 
 
+def check_finite(outputs, rows, source):
+    """Stop when the encoder's outputs (n, X) for `rows` are not finite: a broken checkpoint, not bad audio."""
+    broken = [r['file'] for r, o in zip(rows, outputs) if not torch.isfinite(o).all()]
+    if broken:
+        raise SystemExit(f"error: {source}: the encoder's outputs are not finite for {len(broken)} of {len(rows)} clips "
+                         f"(e.g. {broken[0]}); the checkpoint's weights are probably broken (NaN/Inf)")
+
+
 def autocast(device, args):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
 
@@ -224,6 +234,8 @@ def train_linear(X, Y, Xv, Yv, multi, score, args):
         for idx in torch.randperm(len(X)).split(args.batch_size):
             logits = head(X[idx])
             loss = F.binary_cross_entropy_with_logits(logits, Y[idx]) if multi else F.cross_entropy(logits, Y[idx])
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: non-finite linear-evaluation loss at epoch {epoch} (lower --lr?)")
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -244,6 +256,7 @@ def run_linear(encoder, frontend, splits, classes, multi, score, args, device, s
     rows = [r for _, tr, va, te in splits for r in tr + va + te]
     uniq = list({r['file']: r for r in rows}.values())  # K-fold shares clips between folds: one pass over each file
     feats, good = clip_outputs(linear_features(encoder), uniq, frontend, encoder.cfg.patch, args, device, 'features')
+    check_finite(feats, [uniq[i] for i in good], source)
     by_file = {uniq[i]['file']: f for i, f in zip(good, feats)}
     results = []
     for name, train, valid, test in splits:
@@ -383,7 +396,8 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
             loss = (F.binary_cross_entropy_with_logits(logits, y) if multi else
                     torch.sum(-y * F.log_softmax(logits, 1), 1).mean())  # cross-entropy with mixed-up soft targets
             if not math.isfinite(loss.item()):
-                raise SystemExit(f"error: non-finite fine-tuning loss at epoch {epoch}, step {step}")
+                raise SystemExit(f"error: non-finite fine-tuning loss at epoch {epoch}, step {step}; stopped" + (
+                    f", the best model so far ({path}, valid {best:.4f}) is intact" if best >= 0 else ''))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -427,7 +441,7 @@ def main(argv=None):
             n_frames = args.n_frames or (data.DEMO_FRAMES if args.data == 'demo' else data.FRONTENDS[args.frontend]['n_frames'])
             cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=data.FRONTENDS[args.frontend]['n_mels'], n_frames=n_frames)
             return ViT(cfg), data.FrontEnd(args.frontend, n_frames)
-        return build_encoder(read_checkpoint(args.ckpt), args.ckpt, args.n_frames if args.mode == 'finetune' else None)
+        return build_encoder(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt, args.n_frames if args.mode == 'finetune' else None)
 
     encoder, frontend = encoder_and_frontend()
     encoder, frontend = encoder.to(device), frontend.to(device)

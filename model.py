@@ -148,19 +148,38 @@ def resize_pos_embed(pos, grid, new_grid):
     return torch.cat([pos[:, :1], x.flatten(2).transpose(1, 2)], 1)  # (1, 1+N', D)
 
 
-def read_checkpoint(path):
+def load_file(path, trust=False):
+    """torch.load of a checkpoint that may come from anywhere (SPEC §7). By default (weights_only) only tensors,
+    containers, numbers, strings and argparse.Namespace (official releases pickle their args) are unpickled, so a file
+    that carries any other object -- which could run code while it is unpickled -- is refused. trust=True
+    (--trust_checkpoint) unpickles anything: only for files from a source you trust."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint file at {path}")
+    try:
+        if trust:
+            return torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):
+            raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
+        what = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), str(e).splitlines()[0])
+        raise SystemExit(f"error: refused to load {path}: it holds Python objects other than tensors, numbers, strings "
+                         f"and containers, and unpickling them could run arbitrary code ({what}). If you trust the "
+                         "file's source, pass --trust_checkpoint")
+    except (RuntimeError, EOFError, OSError) as e:
+        raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
+
+
+def read_checkpoint(path, trust=False):
     """A checkpoint of this project, or an official release converted to its layout (SPEC §7).
 
     Returns {'model': state dict in our key names, 'model_config': ViTConfig fields, 'frontend':
     FrontEnd config, 'args': at least 'method' and 'text_encoder'}.
     """
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint file at {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # official releases pickle their args
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
+    ckpt = load_file(path, trust)
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt if 'model_config' in ckpt else convert_official(ckpt, path)
 
 
@@ -423,11 +442,11 @@ class CLAPTeacher(nn.Module):
     """
     dim = 768
 
-    def __init__(self, ckpt=None):
+    def __init__(self, ckpt=None, trust=False):
         super().__init__()
         self.htsat = create_htsat_tiny()
         if ckpt:
-            state = torch.load(ckpt, map_location='cpu', weights_only=True)
+            state = load_file(ckpt, trust)
             state = {k.removeprefix('module.'): v for k, v in state.get('state_dict', state).items()}
             load_state(self.htsat, {k[len('audio_branch.'):]: v for k, v in state.items() if k.startswith('audio_branch.')},
                        ckpt)

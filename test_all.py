@@ -4,10 +4,14 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import subprocess
-import time
 import sys
+import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
 import soundfile as sf
@@ -433,22 +437,47 @@ def test_bad_manifest_and_flags_give_clear_errors(tmp_path, capsys):
         run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', ['x.wav'], header='path'))
     with pytest.raises(SystemExit, match='no such manifest'):
         run_train(capsys, tmp_path, '--data', str(tmp_path / 'nope.csv'))
-    with pytest.raises(SystemExit, match='fp16 needs a CUDA device'):
-        run_train(capsys, tmp_path, '--amp', 'fp16', '--device', 'cpu')
 
 
-def test_nan_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('fault, message', [
+    (lambda x: x * float('nan'), r'at step 3: loss_rec=nan, grad_norm=nan'),
+    (lambda x: x + 0 * (x - x).sqrt(), r'at step 3: loss_rec=\d.*, grad_norm=nan'),  # a finite loss, NaN gradients
+])
+def test_nan_loss_or_gradient_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch, fault,
+                                                                                 message):
     real, calls = losses.mae_loss, []
 
-    def nan_on_third_call(*a, **k):
+    def faulty_on_third_call(*a, **k):
         calls.append(1)
-        return real(*a, **k) * (float('nan') if len(calls) == 3 else 1.0)
+        return fault(real(*a, **k)) if len(calls) == 3 else real(*a, **k)
 
-    monkeypatch.setattr(losses, 'mae_loss', nan_on_third_call)
-    with pytest.raises(SystemExit, match=r'non-finite loss at step 3: loss_rec=nan'):
-        run_train(capsys, tmp_path, '--steps', '4', '--save_every', '2')
+    monkeypatch.setattr(losses, 'mae_loss', faulty_on_third_call)
+    with pytest.raises(SystemExit, match=r'error: non-finite loss or gradient ' + message + '.*step 2.* is intact'):
+        run_train(capsys, tmp_path, '--steps', '4', '--save_every', '2', '--log_every', '3')
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert ckpt['step'] == 2 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_fp16_skips_steps_with_non_finite_gradients_and_logs_them(tmp_path, capsys, monkeypatch):
+    real, calls = losses.mae_loss, []
+
+    def inf_on_second_call(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float('inf') if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(losses, 'mae_loss', inf_on_second_call)
+    run_train(capsys, tmp_path / 'a', '--amp', 'fp16', '--steps', '4')
+    log = [json.loads(line) for line in open(tmp_path / 'a' / 'log.jsonl')]
+    assert [r['skipped_steps'] for r in log] == [0, 1, 0, 0] and 'loss' not in log[1]  # its terms stay out
+    assert all(math.isfinite(r['loss']) and math.isfinite(r['grad_norm']) for r in log if r['step'] != 2)
+    ckpt = torch.load(tmp_path / 'a' / 'checkpoint.pt', weights_only=True)
+    assert ckpt['scaler']['scale'] == 2.0 ** 15 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+    monkeypatch.setattr(losses, 'mae_loss', lambda *a, **k: real(*a, **k) * float('inf'))  # never finite
+    with pytest.raises(SystemExit, match=r'fp16 gradients were not finite for 20 steps in a row \(steps 1-20\)'):
+        run_train(capsys, tmp_path / 'b', '--amp', 'fp16', '--steps', '30', '--save_every', '10')
+    assert 'fp16: step 20 skipped, gradients not finite (GradScaler scale 0.125 -> 0.0625)' in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)  # skipped steps leave the weights as they were
+    assert ckpt['step'] == 10 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -966,11 +995,10 @@ def test_kfold_multilabel_and_chunked_clips(tmp_path, capsys):
                                                                     'file,label'), *FT])
 
 
-def test_zeroshot_predictions_of_a_hand_built_checkpoint(tmp_path, sentence_encoder):
+def hand_clap_checkpoint(tmp_path, sentence_encoder):
     """Encoder: tokens carry the patch mean in channel 0 (identity blocks, no final norm, zero positions).
     Audio projector: (relu(m) + 0.1, relu(-m) + 0.1) of the token mean m. Text projector: solved so that the
-    prompt of 'loud' maps to (1, 0) and of 'quiet' to (0, 1). So clips with a normalized log-mel above 0 must
-    be 'loud', and the less loud a loud clip, the higher its 'quiet' score."""
+    prompt of 'loud' maps to (1, 0) and of 'quiet' to (0, 1)."""
     D, cfg = 8, M.ViTConfig(8, 1, 1, n_mels=80, n_frames=32, final_norm=False)
     state = {k: torch.zeros_like(v) for k, v in M.ViT(cfg).state_dict().items()}
     state['patch_embed.weight'][0] = 1 / 256
@@ -984,6 +1012,13 @@ def test_zeroshot_predictions_of_a_hand_built_checkpoint(tmp_path, sentence_enco
     ckpt = tmp_path / 'hand.pt'
     torch.save({'model': model, 'model_config': vars(cfg), 'frontend': data.FrontEnd('mel80').config(),
                 'args': {'method': 'm2d_clap', 'text_encoder': M.OFFLINE_TEXT_ENCODER}}, ckpt)
+    return ckpt
+
+
+def test_zeroshot_predictions_of_a_hand_built_checkpoint(tmp_path, sentence_encoder):
+    """hand_clap_checkpoint: clips with a normalized log-mel above 0 must be 'loud', and the less loud a loud clip,
+    the higher its 'quiet' score."""
+    ckpt = hand_clap_checkpoint(tmp_path, sentence_encoder)
     clips = [('loud', 0.5), ('quiet', 1e-5), ('loud', 0.2), ('quiet', 3e-5), ('quiet', 1e-4)]
     rng = np.random.default_rng(0)
     files = [write_wav(tmp_path / f'{i}.wav', amp * rng.standard_normal(16000 + 5000 * i)) for i, (_, amp) in enumerate(clips)]
@@ -1082,3 +1117,268 @@ def test_official_audiomae_release_loads_transposed_and_matches_the_reference(tm
         ref = timm_vit_forward(state, spec.transpose(2, 3), heads=1)  # theirs: (time, freq) image, token t*8 + f
     ref = torch.cat([ref[:, :1], ref[:, 1:].view(2, 4, 8, 64).transpose(1, 2).flatten(1, 2)], 1)
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: kills, signals, failing ranks, untrusted checkpoints, manifests, bad input downstream
+
+def start_train(out, *args):
+    """train.py in a subprocess of its own session (so a signal can go to its whole process group)."""
+    return subprocess.Popen([sys.executable, 'train.py', '--method', 'audiomae', *TINY, '--out', str(out), *args],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, proc, timeout=120):
+    end = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < end, 'timed out'
+        time.sleep(0.0005)
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path, capsys):
+    args = ['--steps', '12', '--save_every', '1']
+    run_train(capsys, tmp_path / 'straight', *args)
+    out, ckpt = tmp_path / 'killed', tmp_path / 'killed' / 'checkpoint.pt'
+    # 1: during a checkpoint write (the temp file exists, the rename has not happened)
+    proc = start_train(out, *args)
+    wait_for(ckpt.exists, proc)
+    wait_for(lambda: os.path.exists(str(ckpt) + '.tmp'), proc)
+    proc.kill()
+    proc.wait()
+    assert os.path.exists(str(ckpt) + '.tmp')  # killed inside a write: before its rename
+    steps = [torch.load(ckpt, weights_only=True)['step']]  # the previous checkpoint, whole
+    # 2, 3: at random moments of resumed runs (start-up, a step, a write, or after the end)
+    for delay in np.random.default_rng(0).uniform(4, 8, 2):
+        proc = start_train(out, *args, '--resume')
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        steps.append(torch.load(ckpt, weights_only=True)['step'])
+    assert steps == sorted(steps) and steps[0] >= 1
+    run_train(capsys, out, *args, '--resume')
+    straight, killed = ([json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('straight', 'killed'))
+    assert [r['step'] for r in killed] == list(range(1, 13))
+    assert [r['loss'] for r in killed] == [r['loss'] for r in straight]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_cleanly(tmp_path, capsys, sig):
+    log = tmp_path / 'log.jsonl'
+    proc = start_train(tmp_path, '--steps', '40', '--save_every', '1000', '--num_workers', '1')
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 2, proc)
+    os.killpg(proc.pid, sig)  # like Ctrl-C or a scheduler: the loader worker gets it too
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + sig and 'Traceback' not in err, err[-3000:]
+    stopped = int(re.search(rf'stopped by {sig.name} at step (\d+) of 40; .* is saved', err)[1])
+    assert torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['step'] == stopped < 40
+    _, last = run_train(capsys, tmp_path, '--steps', '40', '--save_every', '1000', '--resume')
+    assert f'resumed from {tmp_path}/checkpoint.pt at step {stopped}' in capsys.readouterr().out or last['step'] == 40
+    assert [json.loads(line)['step'] for line in open(log)] == list(range(1, 41))
+
+
+FAULTY_RANK = '''
+import os, signal, sys
+import losses, train
+from torch.distributed.elastic.multiprocessing.errors import record
+real, calls = losses.mae_loss, []
+def faulty(*a, **k):
+    calls.append(1)
+    if os.environ['RANK'] == '1' and len(calls) == 3 and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0':
+        if os.environ['FAULT'] == 'exception':
+            raise RuntimeError('injected failure on rank 1')
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+losses.mae_loss = faulty
+record(train.main)(sys.argv[1:])
+'''
+
+
+def torchrun(out, *args, fault=None, restarts=0, script=('train.py',)):
+    """Two gloo ranks of the audiomae smoke configuration, always with --resume (as README, Reliability)."""
+    return subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'--max-restarts={restarts}',
+         *(('--no-python', sys.executable, '-c', FAULTY_RANK) if fault else script), '--method', 'audiomae', *TINY,
+         '--steps', '6', '--save_every', '2', '--resume', '--out', str(out), *args],
+        cwd=HERE, capture_output=True, text=True, timeout=240, env={**os.environ, 'FAULT': fault or ''})
+
+
+@pytest.mark.parametrize('fault, shown', [('exception', 'RuntimeError: injected failure on rank 1'),
+                                          ('sigkill', 'Signal 9 (SIGKILL) received by PID')])
+def test_ddp_a_failing_rank_stops_the_run_with_its_error(tmp_path, fault, shown):
+    t = time.time()
+    run = torchrun(tmp_path, fault=fault)
+    assert run.returncode != 0 and time.time() - t < 120
+    root_cause = run.stderr[run.stderr.index('Root Cause'):]
+    assert 'rank      : 1' in root_cause and shown in root_cause
+
+
+def test_ddp_elastic_restart_resumes_and_matches_the_uninterrupted_run(tmp_path):
+    assert torchrun(tmp_path / 'straight').returncode == 0
+    run = torchrun(tmp_path / 'restarted', fault='sigkill', restarts=1)  # rank 1 killed in step 3, after the step-2 save
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'resumed from' in run.stdout and 'at step 2' in run.stdout
+    straight, restarted = ([json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('straight', 'restarted'))
+    assert [r['step'] for r in restarted] == list(range(1, 7))
+    assert [r['loss'] for r in restarted] == [r['loss'] for r in straight]
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint would do with something worse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_untrusted_checkpoints_are_refused_and_never_run_code(tmp_path, capsys):
+    run_train(capsys, tmp_path / 'good', '--steps', '1')
+    good = torch.load(tmp_path / 'good' / 'checkpoint.pt', weights_only=True)
+    marker = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pt'
+    torch.save({**good, 'extra': Payload(marker)}, evil)
+    (tmp_path / 'resume').mkdir()
+    torch.save({**good, 'extra': Payload(marker)}, tmp_path / 'resume' / 'checkpoint.pt')
+    refused = r'refused to load .*(evil|checkpoint)\.pt.*GLOBAL posix\.system.*pass --trust_checkpoint'
+    for call in (lambda: run_train(capsys, tmp_path / 'init', '--steps', '1', '--init', str(evil)),
+                 lambda: run_train(capsys, tmp_path / 'resume', '--steps', '2', '--resume'),
+                 lambda: run_train(capsys, tmp_path / 'teacher', '--steps', '1', '--target', 'clap', '--clap_ckpt', str(evil)),
+                 lambda: finetune.main(['--ckpt', str(evil), *FT]),
+                 lambda: zeroshot.main(['--ckpt', str(evil)])):
+        with pytest.raises(SystemExit, match=refused):
+            call()
+    assert not marker.exists()
+    # A harmless object outside the allow-list: refused the same way, loaded with --trust_checkpoint.
+    # argparse.Namespace (official releases pickle their args) loads without it.
+    import argparse
+    import datetime
+    torch.save({**good, 'args': argparse.Namespace(**good['args'])}, tmp_path / 'namespace.pt')
+    assert M.read_checkpoint(str(tmp_path / 'namespace.pt'))['args'].method == 'audiomae'
+    torch.save({**good, 'saved_on': datetime.date(2026, 1, 1)}, tmp_path / 'dated.pt')
+    with pytest.raises(SystemExit, match='GLOBAL datetime.date .*--trust_checkpoint'):
+        finetune.main(['--ckpt', str(tmp_path / 'dated.pt'), *FT])
+    rec = finetune.main(['--ckpt', str(tmp_path / 'dated.pt'), '--trust_checkpoint', '--epochs', '1', *FT,
+                         '--out', str(tmp_path / 'lin')])
+    assert 0 <= rec['test'] <= 1
+    (tmp_path / 'truncated.pt').write_bytes((tmp_path / 'dated.pt').read_bytes()[:5000])
+    with pytest.raises(SystemExit, match='cannot read .*truncated.pt as a PyTorch checkpoint'):
+        M.read_checkpoint(str(tmp_path / 'truncated.pt'))
+
+
+def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, capsys):
+    run_train(capsys, tmp_path, '--steps', '1')
+    before = (tmp_path / 'checkpoint.pt').read_bytes()
+    with pytest.raises(SystemExit, match=r'checkpoint.pt exists; continue that run with --resume, or pass another --out'):
+        run_train(capsys, tmp_path, '--steps', '1')
+    assert (tmp_path / 'checkpoint.pt').read_bytes() == before
+
+
+def test_log_is_trimmed_to_the_checkpoint_on_resume(tmp_path):
+    (tmp_path / 'log.jsonl').write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    train.trim_log(str(tmp_path / 'log.jsonl'), 1)
+    assert (tmp_path / 'log.jsonl').read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+# Manifests: text the csv module writes must come back unchanged (quotes, commas, unicode, spaces, newlines).
+field = st.text(st.characters(blacklist_categories=('Cs', 'Cc')), min_size=1, max_size=12)
+name = field.filter(lambda s: s.strip() and not s.startswith('/'))
+part = st.text(st.characters(blacklist_categories=('Cs', 'Cc'), blacklist_characters=';|'), min_size=1,
+               max_size=12).filter(str.strip)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(name, st.lists(part, max_size=3), st.lists(part, max_size=3),
+                               st.sampled_from(['train', 'test', ''])), min_size=1, max_size=6, unique_by=lambda r: r[0]),
+       columns=st.sets(st.sampled_from(['label', 'caption', 'split'])))
+def test_manifest_fields_round_trip(tmp_path_factory, rows, columns):
+    import csv
+    header = ['file', *sorted(columns)]
+    path = tmp_path_factory.mktemp('m') / 'manifest.csv'
+    with open(path, 'w', newline='', encoding='utf-8') as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for file, labels, captions, split in rows:
+            w.writerow([{'file': file, 'label': ';'.join(labels), 'caption': '|'.join(captions), 'split': split}[c]
+                        for c in header])
+    got = data.read_manifest(str(path))
+    assert [r['file'] for r in got] == [os.path.join(str(path.parent), r[0]) for r in rows]
+    assert [r['labels'] for r in got] == [[s.strip() for s in r[1]] if 'label' in columns else [] for r in rows]
+    assert [r['captions'] for r in got] == [[s.strip() for s in r[2]] if 'caption' in columns else [] for r in rows]
+    assert [r['split'] for r in got] == [r[3] if 'split' in columns else '' for r in rows]
+
+
+def test_manifest_edge_cases(tmp_path, capsys):
+    def write(text, enc='utf-8'):
+        (tmp_path / 'm.csv').write_bytes(text.encode(enc))
+        return str(tmp_path / 'm.csv')
+
+    rows = data.read_manifest(write('\ufefffile , label\n"my clips/ça, va.wav","Vehicle horn, car horn, honking;Speech"\n'
+                                    'short.wav\n'))  # BOM, spaced header, quoted commas, a short row
+    assert rows[0]['file'] == str(tmp_path / 'my clips' / 'ça, va.wav') and rows[1]['labels'] == []
+    assert rows[0]['labels'] == ['Vehicle horn, car horn, honking', 'Speech']
+    rows = data.read_manifest(write('file,split\na.wav,train\nb.wav,test\na.wav,test\n'))
+    assert len(rows) == 3 and "1 row(s) repeat a file of an earlier row, e.g. a.wav (lines 2 and 4)" in capsys.readouterr().err
+    for text, message in (('', 'the manifest is empty'), ('file,label\n', 'no rows'),
+                          ('file,label\na.wav,x\n,y\n', 'line 3: the row has no file'),
+                          ('path,label\na.wav,x\n', "no 'file' column")):
+        with pytest.raises(SystemExit, match=message):
+            data.read_manifest(write(text))
+    with pytest.raises(SystemExit, match='not UTF-8 text'):
+        data.read_manifest(write('file\nclé.wav\n', enc='latin-1'))
+
+
+def test_downstream_bad_input(tmp_path, capsys, sentence_encoder):
+    """SPEC §9 in finetune.py and zeroshot.py (train.py: the tests above and the Bad input table in the README)."""
+    ckpt = str(hand_clap_checkpoint(tmp_path, sentence_encoder))
+    rng = np.random.default_rng(0)
+    good = [write_wav(tmp_path / f'{i}.wav', rng.normal(0, 0.3 if i % 2 else 1e-4, 12000)) for i in range(8)]
+    stereo = write_wav(tmp_path / 'stereo.wav', rng.normal(0, 0.3, (30000, 2)), sr=44100)
+    silent, short = write_wav(tmp_path / 'silent.wav', np.zeros(16000)), write_wav(tmp_path / 'short.wav', np.full(50, 0.3))
+    (tmp_path / 'broken.wav').write_bytes(b'RIFF junk')
+    files = good + [stereo, silent, short]
+    labels = ['loud' if i % 2 else 'quiet' for i in range(8)] + ['loud', 'quiet', 'quiet']
+    rows = [f'{f},{y},{y} noise,{"test" if i % 3 == 0 else "train"}' for i, (f, y) in enumerate(zip(files, labels))]
+    manifest = write_manifest(tmp_path / 'm.csv', rows)
+    zs = lambda *a: zeroshot.main(['--ckpt', ckpt, '--num_workers', '0', '--amp', 'none', '--split', 'all', *a])
+    ft = lambda *a: finetune.main(['--ckpt', ckpt, *FT, '--epochs', '2', '--out', str(tmp_path / 'ft'), *a])
+    # stereo 44.1 kHz, silent and 50-sample clips: used, finite
+    assert zs('--data', manifest)['clips'] == 11 and ft('--data', manifest)['test'] >= 0
+    # unreadable files: skipped with a warning naming each, the run aborts past --max_bad
+    with_broken = write_manifest(tmp_path / 'b.csv', rows + [f'{tmp_path}/broken.wav,loud,x,test'])
+    assert zs('--data', with_broken, '--max_bad', '0.1')['clips'] == 11
+    assert 'broken.wav' in capsys.readouterr().err
+    for run in (zs, ft):
+        with pytest.raises(SystemExit, match=r'1 of 12 audio files could not be read \(more than --max_bad 0.05\)'):
+            run('--data', with_broken)
+    # manifests without a file column, without the labels a task needs, with labels unknown at training
+    nofile = write_manifest(tmp_path / 'n.csv', [r.split(',', 1)[1] for r in rows], 'label,caption,split')
+    unlabeled = write_manifest(tmp_path / 'u.csv', [f'{f},,,{s}' for f, s in zip(files, ['train', 'test'] * 6)])
+    unknown = write_manifest(tmp_path / 'k.csv', rows + [f'{good[0]},siren,x,test'])
+    for run, man, message in ((zs, nofile, "no 'file' column"), (ft, nofile, "no 'file' column"),
+                              (zs, unlabeled, "needs a 'label' on every row"), (ft, unlabeled, 'rows have no label'),
+                              (zs, unlabeled, "--retrieval needs a 'caption' on every row"),
+                              (ft, unknown, r"labels not in the training rows: \['siren'\]")):
+        with pytest.raises(SystemExit, match=message):
+            run('--data', man, *(['--retrieval'] if 'retrieval' in message else []))
+    # a checkpoint with NaN weights, another model's weights, no audio-text head; a text encoder offline
+    state = torch.load(ckpt, weights_only=True)
+    state['model']['encoder.blocks.0.mlp.fc1.weight'][0, 0] = float('nan')
+    torch.save(state, tmp_path / 'nan.pt')
+    for run in (zs, ft):
+        with pytest.raises(SystemExit, match=r"outputs are not finite for \d+ of 11 clips .* broken \(NaN/Inf\)"):
+            run('--data', manifest, '--ckpt', str(tmp_path / 'nan.pt'))
+    state = torch.load(ckpt, weights_only=True)
+    state['model_config']['width'] = 16
+    torch.save(state, tmp_path / 'other.pt')
+    for run in (zs, ft):
+        with pytest.raises(SystemExit, match=r'shape mismatches: .*cls_token: \(1, 1, 8\) in checkpoint, \(1, 1, 16\)'):
+            run('--data', manifest, '--ckpt', str(tmp_path / 'other.pt'))
+    state = torch.load(ckpt, weights_only=True)
+    state['model'] = {k: v for k, v in state['model'].items() if k.startswith('encoder.')}
+    torch.save(state, tmp_path / 'enc.pt')
+    with pytest.raises(SystemExit, match='has no audio-text head'):
+        zs('--data', manifest, '--ckpt', str(tmp_path / 'enc.pt'))
+    with pytest.raises(SystemExit, match='cannot load the text encoder'):
+        zs('--data', manifest, '--text_encoder', str(tmp_path / 'no-such-model'))  # a hub id: the same after ~50 s of retries

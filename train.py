@@ -14,20 +14,22 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
 from model import (M2D, OFFLINE_TEXT_ENCODER, VIT_PRESETS, AudioMAE, CLAPStage2, CLAPTeacher, SentenceEncoder,
-                   ViTConfig, load_state, read_checkpoint)
+                   ViTConfig, load_file, load_state, read_checkpoint)
 
 # Per-method flag defaults (SPEC §5); flags override any value. Two keys are not flags: `arch`
 # picks the model builder in MODELS, `crop_frames` the training crop when not the front-end's.
@@ -131,8 +133,11 @@ def get_args(argv=None):
     g = p.add_argument_group('run')
     g.add_argument('--out', help='output folder (default runs/<method>)')
     g.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False,
-                   help='continue from <out>/checkpoint.pt when it exists')
+                   help='continue from <out>/checkpoint.pt when it exists (without, an existing one is an error)')
     g.add_argument('--init', help='initialize the encoder from a checkpoint')
+    g.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
+                   help='unpickle any Python object in --init/--resume/--clap_ckpt files (only tensors, numbers, '
+                        'strings, containers and argparse.Namespace without): can run code, so only for trusted files')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--device', help='cpu or cuda (default: cuda when available)')
     g.add_argument('--log_every', type=int, default=10)
@@ -173,13 +178,57 @@ def rng_state(device):
 
 
 def save_checkpoint(path, state):
-    """Atomic save: write a temp file, flush it to disk, rename over the old checkpoint."""
+    """Atomic save: write a temp file, flush it to disk, rename over the old checkpoint, flush the rename. A process
+    killed at any moment leaves the old checkpoint or the new one, whole (and maybe a stray .tmp)."""
     tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def trim_log(path, step):
+    """Keep the JSON-lines records of steps <= step, the ones a checkpoint at `step` covers: a resumed run logs
+    the later steps again, and a killed run may have left half a line. Atomic, like save_checkpoint."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)['step'] <= step:
+                keep.append(line.rstrip('\n') + '\n')
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(path + '.tmp', path)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM (Ctrl-C, a scheduler's pre-emption, torchrun passing either on) do not kill the run: the
+    loop finishes its step, saves a checkpoint and exits with 128 + the signal number. Yields a list that holds the
+    signal once one came. A repeated signal is ignored (torchrun re-sends the one its workers already got); SIGKILL
+    stops at once and leaves the last checkpoint whole (save_checkpoint)."""
+    got = []
+
+    def handler(signum, frame):
+        if not got:
+            got.append(signum)
+            print(f"\n{signal.Signals(signum).name}: finishing the step, then saving a checkpoint", file=sys.stderr)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def matmul_peak(device, dtype):
@@ -226,7 +275,13 @@ def main(argv=None):
         if device.type == 'cuda':
             device = torch.device('cuda', local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        # torchrun keeps one key-value store across restarts (--max-restarts): prefix this attempt's keys, or a
+        # restarted rank may read a dead rank's address (gloo: "connectFullMesh failed ... Connection refused").
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", dist.TCPStore(
+            os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world,
+            is_master=rank == 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'))  # else torchrun's
+        dist.init_process_group('cpu:gloo,cuda:nccl' if device.type == 'cuda' else 'gloo',  # gloo: CPU-side flags
+                                store=store, rank=rank, world_size=world)
     try:
         return train(args, ddp, rank, world, device)
     finally:
@@ -237,8 +292,10 @@ def main(argv=None):
 def train(args, ddp, rank, world, device):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    if args.amp == 'fp16' and device.type != 'cuda':
-        raise SystemExit("error: --amp fp16 needs a CUDA device; use --amp bf16 (or none) on CPU")
+    ckpt_path = os.path.join(args.out, 'checkpoint.pt')
+    if os.path.exists(ckpt_path) and not args.resume and not args.bench:
+        raise SystemExit(f"error: {ckpt_path} exists; continue that run with --resume, or pass another --out (or "
+                         "delete the folder) to start a new one")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # Data: workers decode and crop; the front-end runs batched on the device.
@@ -282,7 +339,8 @@ def train(args, ddp, rank, world, device):
     args.dec_dim = args.dec_dim or min(512, VIT_PRESETS[args.model]['width'])  # (ours) no decoder wider than a small encoder
     cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=frontend.n_mels, n_frames=args.n_frames)
     raw_model = MODELS[args.arch](cfg, args).to(device)
-    teacher = CLAPTeacher(args.clap_ckpt).to(device) if args.target == 'clap' else None  # frozen, never in DDP
+    teacher = (CLAPTeacher(args.clap_ckpt, args.trust_checkpoint).to(device) if args.target == 'clap'
+               else None)  # frozen, never in DDP
     torch.manual_seed(args.seed + 1000 * rank)
     eff_batch = args.batch_size * world * args.accum
     lr = args.blr * eff_batch / 256
@@ -293,10 +351,9 @@ def train(args, ddp, rank, world, device):
                               enabled=args.amp != 'none')
 
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, 'checkpoint.pt')
     step, epoch, batch_idx, record, window, saved = 0, 0, 0, {}, {}, None
     if args.init:
-        ckpt = read_checkpoint(args.init)  # ours, or an official M2D / AudioMAE release
+        ckpt = read_checkpoint(args.init, args.trust_checkpoint)  # ours, or an official M2D / AudioMAE release
         enc = {k[8:]: v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
         if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
             # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
@@ -309,7 +366,7 @@ def train(args, ddp, rank, world, device):
             frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
         say(f"initialized the encoder from {args.init} ({ckpt['args']['method']}, stage {ckpt['args'].get('stage', 1)})")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        ckpt = load_file(ckpt_path, args.trust_checkpoint)
         method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)
         if (method, stage) != (args.method, args.stage):
             raise SystemExit(f"error: {ckpt_path} is a {method} (stage {stage}) checkpoint, not {args.method} (stage {args.stage})")
@@ -352,15 +409,19 @@ def train(args, ddp, rank, world, device):
                 yield epoch, batch_idx, batch
             epoch, batch_idx = epoch + 1, 0
 
-    batches, bad_files = stream(epoch, batch_idx), set()
+    batches, bad_files, fresh_bad = stream(epoch, batch_idx), set(), set()
+
+    def check_bad():
+        if len(bad_files) > args.max_bad * len(dataset):
+            raise SystemExit(f"error: {len(bad_files)} of {len(dataset)} audio files could not be read "
+                             f"(more than --max_bad {args.max_bad}), e.g. {sorted(bad_files)[:3]}")
 
     def next_batch():
         while True:
             e, b, batch = next(batches)
             bad_files.update(batch['bad'])
-            if len(bad_files) > args.max_bad * len(dataset):
-                raise SystemExit(f"error: {len(bad_files)} of {len(dataset)} audio files could not be read "
-                                 f"(more than --max_bad {args.max_bad}), e.g. {sorted(bad_files)[:3]}")
+            fresh_bad.update(batch['bad'])
+            check_bad()  # this rank's own count; settle() checks all ranks' together
             if len(batch['wave']):
                 return e, b, batch['wave'].to(device, non_blocking=True), batch_inputs(batch['index'])
 
@@ -393,8 +454,15 @@ def train(args, ddp, rank, world, device):
         return {k: v.detach().float() for k, v in terms.items()}
 
     def settle(window):
-        """The window's summed terms as floats averaged over ranks: the one host-device sync (and DDP collective) per
-        log interval or checkpoint, not per step. A non-finite term stops the run before anything is saved."""
+        """The window's summed terms (and gradient norms) as floats averaged over ranks: the one host-device sync
+        (and DDP collective) per log interval or checkpoint, not per step. A non-finite value stops the run before
+        anything is saved. Under DDP the ranks also pool the files they could not read, and abort together."""
+        if ddp:
+            pooled = [None] * world
+            dist.all_gather_object(pooled, sorted(fresh_bad))
+            bad_files.update(*pooled)
+        fresh_bad.clear()
+        check_bad()
         names = [k for k in window if k != 'n']
         if not names:  # just logged
             return dict(window)
@@ -405,21 +473,31 @@ def train(args, ddp, rank, world, device):
         vals = dict(zip(names, vals.tolist()))
         if not all(map(math.isfinite, vals.values())):
             when = f"at step {step}" if step == checked + 1 else f"in steps {checked + 1}-{step}"
-            raise SystemExit(f"error: non-finite loss {when}: " + ', '.join(
+            raise SystemExit(f"error: non-finite loss or gradient {when}: " + ', '.join(
                 f"{k}={v / max(window.get('n', 1), 1):.4g}" for k, v in vals.items()) + (
                 f". Stopped; the last good checkpoint ({ckpt_path}, step {saved}) is intact." if saved
                 else ". Stopped before any checkpoint was written."))
         return {**vals, 'n': window.get('n', 0)}
 
     def optimizer_step():
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
+        """Unscale (fp16), clip the gradients to --clip_grad or only measure their norm, step. Returns the norm, a
+        tensor on the device. GradScaler skips an fp16 step whose gradients are not finite and halves its scale."""
+        scaler.unscale_(optimizer)
+        norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad) if args.clip_grad else
+                torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None]))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if after_step:
             after_step(step, total_steps)  # M2D: EMA update of the target; CLAP: logit-scale clamp
+        return norm
+
+    def stop_signal():
+        """The signal (number) any rank got, else 0: all ranks stop at the same step. A CPU flag (gloo), no GPU sync."""
+        flag = torch.tensor([got[0] if got else 0])
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
 
     after_step = getattr(raw_model, 'after_step', None)
 
@@ -429,46 +507,79 @@ def train(args, ddp, rank, world, device):
         return bench(args, device, world, next_batch()[2:], forward_backward, optimizer_step, say, loader,
                      teacher_targets if teacher else None)
 
-    log = open(os.path.join(args.out, 'log.jsonl'), 'a') if master else None
+    log_path = os.path.join(args.out, 'log.jsonl')
+    if master:
+        trim_log(log_path, step)
+    log = open(log_path, 'a') if master else None
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc=args.method)
     t_log, checked = time.perf_counter(), step  # checked: the last step whose loss terms were found finite
+    skipped_in_a_row = 0
     model.train()
-    while step < total_steps:
-        for g in optimizer.param_groups:
-            g['lr'] = lr_at(step, total_steps, warmup, lr)
-        for micro in range(args.accum):
-            epoch, batch_idx, wave, inputs = next_batch()
-            for k, v in forward_backward(wave, inputs, micro).items():
-                window[k] = window.get(k, 0.0) + v / args.accum
-        optimizer_step()
-        step += 1
-        window['n'] = window.get('n', 0) + 1
-        bar.update()
-        if step % args.log_every == 0 or step == total_steps:
-            window, checked = settle(window), step
-            n, dt = window.pop('n'), time.perf_counter() - t_log
-            terms = {k: v / n for k, v in window.items()}
-            record = {'step': step, 'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'], 'loss': weighted_total(terms),
-                      **terms, 'samples_per_s': n * eff_batch / dt}
-            window, t_log = {}, time.perf_counter()
-            if master:
-                log.write(json.dumps(record) + '\n')
-                log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                tqdm.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        if step % args.save_every == 0 or step == total_steps:
-            window, checked = settle(window), step
-            rng = [rng_state(device)]  # every rank's RNG, so each resumes its own masking stream
-            if ddp:
-                rng = [None] * world
-                dist.all_gather_object(rng, rng_state(device))
-            if master:
-                save_checkpoint(ckpt_path, {
-                    'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                    'step': step, 'epoch': epoch, 'batch_idx': batch_idx, 'record': record, 'window': window, 'rng': rng,
-                    'args': vars(args), 'model_config': asdict(cfg), 'frontend': frontend.config(),
-                    'class_names': class_names})
-            saved = step
+    with stop_on_signals() as got:
+        while step < total_steps:
+            for g in optimizer.param_groups:
+                g['lr'] = lr_at(step, total_steps, warmup, lr)
+            terms = {}
+            for micro in range(args.accum):
+                epoch, batch_idx, wave, inputs = next_batch()
+                for k, v in forward_backward(wave, inputs, micro).items():
+                    terms[k] = terms.get(k, 0.0) + v / args.accum
+            scale = scaler.get_scale()  # 1.0 unless fp16, where GradScaler syncs every step anyway
+            terms['grad_norm'] = optimizer_step()
+            step += 1
+            bar.update()
+            if scaler.get_scale() < scale:  # fp16: GradScaler skipped this step; its terms stay out of the averages
+                window['skipped'] = window.get('skipped', 0) + 1
+                skipped_in_a_row += 1
+                if master:
+                    tqdm.write(f"fp16: step {step} skipped, gradients not finite (GradScaler scale {scale:g} -> "
+                               f"{scaler.get_scale():g})")
+                if skipped_in_a_row >= 20:  # ours: a 1e6-fold smaller scale did not help, so it is not an overflow
+                    raise SystemExit(f"error: fp16 gradients were not finite for 20 steps in a row (steps "
+                                     f"{step - 19}-{step}); stopped. The last checkpoint ({ckpt_path}, step {saved}) "
+                                     "is intact; try --amp bf16")
+            else:
+                skipped_in_a_row = 0
+                for k, v in terms.items():
+                    window[k] = window.get(k, 0.0) + v
+                window['n'] = window.get('n', 0) + 1
+            if step % args.log_every == 0 or step == total_steps:
+                window, checked = settle(window), step
+                n, skips, dt = window.pop('n', 0), window.pop('skipped', 0), time.perf_counter() - t_log
+                means = {k: v / n for k, v in window.items()} if n else {}
+                record = {'step': step, 'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'],
+                          **({'loss': weighted_total(means)} if n else {}), **means,
+                          **({'skipped_steps': int(skips)} if args.amp == 'fp16' else {}),
+                          'samples_per_s': (n + skips) * eff_batch / dt}
+                window, t_log = {}, time.perf_counter()
+                if master:
+                    log.write(json.dumps(record) + '\n')
+                    log.flush()
+                    bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}")
+                    tqdm.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            stop = stop_signal()
+            if step % args.save_every == 0 or step == total_steps or stop:
+                window, checked = settle(window), step
+                state = raw_model.state_dict()
+                broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                if broken:  # belt and braces: settle() should have stopped the run already
+                    raise SystemExit(f"error: non-finite weights at step {step} ({broken[:3]}); not saved. The last "
+                                     f"checkpoint ({ckpt_path}, step {saved}) is intact.")
+                rng = [rng_state(device)]  # every rank's RNG, so each resumes its own masking stream
+                if ddp:
+                    rng = [None] * world
+                    dist.all_gather_object(rng, rng_state(device))
+                if master:
+                    save_checkpoint(ckpt_path, {
+                        'model': state, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                        'step': step, 'epoch': epoch, 'batch_idx': batch_idx, 'record': record, 'window': window,
+                        'rng': rng, 'args': vars(args), 'model_config': asdict(cfg), 'frontend': frontend.config(),
+                        'class_names': class_names})
+                saved = step
+            if stop and step < total_steps:
+                say(f"stopped by {signal.Signals(stop).name} at step {step} of {total_steps}; {ckpt_path} is saved: "
+                    "continue with the same command and --resume", file=sys.stderr)
+                raise SystemExit(128 + stop)
     bar.close()
     if master:
         log.close()
@@ -530,4 +641,4 @@ def bench(args, device, world, batch, forward_backward, optimizer_step, say, loa
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    record_errors(main)(sys.argv[1:])  # under torchrun: a failing rank's traceback is shown as the run's root cause

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from finetune import (accuracy, build_encoder, clip_outputs, encode_clip, label_targets, mean_average_precision,
+from finetune import (accuracy, build_encoder, check_finite, clip_outputs, encode_clip, label_targets, mean_average_precision,
                       multi_hot)
 from model import AudioToSemantic, SentenceEncoder, load_state, read_checkpoint
 
@@ -84,6 +84,8 @@ def get_args(argv=None):
     p.add_argument('--split', default='test', help="manifest rows used when it has a split column ('all' for every row)")
     p.add_argument('--template', default='{label} can be heard', help='class prompt (ref: M2D-CLAP / EVAR)')
     p.add_argument('--retrieval', action='store_true', help='also audio->text and text->audio R@1/5/10 over the captions')
+    p.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
+                   help='unpickle any Python object in --ckpt (can run code: only for files from a trusted source)')
     p.add_argument('--text_encoder', help="override the checkpoint's sentence encoder (a Hugging Face id or folder)")
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--num_workers', type=int, default=2)
@@ -98,7 +100,7 @@ def main(argv=None):
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     manifest = data.resolve_manifest(args.data)
     rows = data.read_manifest(manifest, None if args.split == 'all' else args.split)
-    model = AudioText(read_checkpoint(args.ckpt), args.ckpt, args.text_encoder).to(device).eval()
+    model = AudioText(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt, args.text_encoder).to(device).eval()
     labeled = all(r['labels'] for r in rows)
     if not labeled and not args.retrieval:
         raise SystemExit(f"error: {manifest}: zero-shot classification needs a 'label' on every row "
@@ -108,6 +110,7 @@ def main(argv=None):
     audio, good = clip_outputs(model.embed_audio, rows, model.frontend, model.encoder.cfg.patch, args, device,
                                 'audio')  # (n, E)
     rows = [rows[i] for i in good]
+    check_finite(audio, rows, args.ckpt)
     record = {'ckpt': args.ckpt, 'clips': len(rows)}
     if labeled:
         classes = sorted({name for r in rows for name in r['labels']})
