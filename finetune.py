@@ -441,7 +441,8 @@ def main(argv=None):
             n_frames = args.n_frames or (data.DEMO_FRAMES if args.data == 'demo' else data.FRONTENDS[args.frontend]['n_frames'])
             cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=data.FRONTENDS[args.frontend]['n_mels'], n_frames=n_frames)
             return ViT(cfg), data.FrontEnd(args.frontend, n_frames)
-        return build_encoder(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt, args.n_frames if args.mode == 'finetune' else None)
+        return build_encoder(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt,
+                             args.n_frames if args.mode == 'finetune' else None)
 
     encoder, frontend = encoder_and_frontend()
     encoder, frontend = encoder.to(device), frontend.to(device)

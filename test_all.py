@@ -437,6 +437,10 @@ def test_bad_manifest_and_flags_give_clear_errors(tmp_path, capsys):
         run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', ['x.wav'], header='path'))
     with pytest.raises(SystemExit, match='no such manifest'):
         run_train(capsys, tmp_path, '--data', str(tmp_path / 'nope.csv'))
+    with pytest.raises(SystemExit, match='cannot load the text encoder .* offline, use the default --text_encoder'):
+        run_train(capsys, tmp_path, '--text_encoder', str(tmp_path / 'no-such-model'), method='m2d_clap')
+    with pytest.raises(SystemExit, match='no checkpoint file at .*630k.pt'):
+        run_train(capsys, tmp_path, '--target', 'clap', '--clap_ckpt', str(tmp_path / '630k.pt'))
 
 
 @pytest.mark.parametrize('fault, message', [

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from finetune import (accuracy, build_encoder, check_finite, clip_outputs, encode_clip, label_targets, mean_average_precision,
-                      multi_hot)
+from finetune import (accuracy, build_encoder, check_finite, clip_outputs, encode_clip, label_targets,
+                      mean_average_precision, multi_hot)
 from model import AudioToSemantic, SentenceEncoder, load_state, read_checkpoint
 
 
