@@ -560,18 +560,13 @@ def train(args, ddp, rank, world, device):
             stop = stop_signal()
             if step % args.save_every == 0 or step == total_steps or stop:
                 window, checked = settle(window), step
-                state = raw_model.state_dict()
-                broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-                if broken:  # belt and braces: settle() should have stopped the run already
-                    raise SystemExit(f"error: non-finite weights at step {step} ({broken[:3]}); not saved. The last "
-                                     f"checkpoint ({ckpt_path}, step {saved}) is intact.")
                 rng = [rng_state(device)]  # every rank's RNG, so each resumes its own masking stream
                 if ddp:
                     rng = [None] * world
                     dist.all_gather_object(rng, rng_state(device))
                 if master:
                     save_checkpoint(ckpt_path, {
-                        'model': state, 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                         'step': step, 'epoch': epoch, 'batch_idx': batch_idx, 'record': record, 'window': window,
                         'rng': rng, 'args': vars(args), 'model_config': asdict(cfg), 'frontend': frontend.config(),
                         'class_names': class_names})
