@@ -1213,8 +1213,10 @@ def test_ddp_a_failing_rank_stops_the_run_with_its_error(tmp_path, fault, shown)
     t = time.time()
     run = torchrun(tmp_path, fault=fault)
     assert run.returncode != 0 and time.time() - t < 120
-    root_cause = run.stderr[run.stderr.index('Root Cause'):]
-    assert 'rank      : 1' in root_cause and shown in root_cause
+    # torchrun's summary lists every failed rank. Its "Root Cause" is the earliest in whole seconds, so rank 0's
+    # "Connection closed by peer" can tie with rank 1's own error and be named instead: look for rank 1's entry.
+    failures = re.split(r'\n\[\d+\]:\n', run.stderr[run.stderr.index('FAILED'):])
+    assert any('rank      : 1' in f and shown in f for f in failures), run.stderr[-3000:]
 
 
 def test_ddp_elastic_restart_resumes_and_matches_the_uninterrupted_run(tmp_path):

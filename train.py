@@ -636,4 +636,4 @@ def bench(args, device, world, batch, forward_backward, optimizer_step, say, loa
 
 
 if __name__ == '__main__':
-    record_errors(main)(sys.argv[1:])  # under torchrun: a failing rank's traceback is shown as the run's root cause
+    record_errors(main)(sys.argv[1:])  # under torchrun: a failing rank's traceback is shown in the failure summary
