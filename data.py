@@ -262,6 +262,13 @@ class AudioDataset(Dataset):
         return {'wave': crop_or_pad(wave, self.n_samples, rng), 'index': i}  # a no-op when decoded as a crop
 
 
+def check_bad(bad, total, max_bad):
+    """SPEC §9: unreadable files are skipped with a warning until they are more than max_bad of all `total`."""
+    if len(bad) > max_bad * total:
+        raise SystemExit(f"error: {len(bad)} of {total} audio files could not be read (more than --max_bad {max_bad}), "
+                         f"e.g. {sorted(bad)[:3]}")
+
+
 def collate(items):
     """Stack the good clips; report the bad ones so the caller can count them."""
     good = [it for it in items if 'wave' in it]

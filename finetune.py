@@ -130,15 +130,9 @@ def clip_outputs(fn, rows, frontend, patch, args, device, desc):
             outs.update({it['index']: o for it, o in zip(group, y)})
     if bad:
         print(f"warning: {desc}: skipped {len(bad)} unreadable clip(s) of {len(rows)}", file=sys.stderr)
-    check_bad(bad, len(rows), args.max_bad)
+    data.check_bad(bad, len(rows), args.max_bad)
     good = sorted(outs)
     return torch.stack([outs[i] for i in good]), good
-
-
-def check_bad(bad, total, max_bad):
-    if len(bad) > max_bad * total:
-        raise SystemExit(f"error: {len(bad)} of {total} audio files could not be read (more than --max_bad {max_bad}), "
-                         f"e.g. {bad[:3]}")
 
 
 def check_finite(outputs, rows, source):
@@ -377,7 +371,7 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
         model.train()
         for batch in data.epoch_loader(dataset, args.batch_size, epoch, num_workers=args.num_workers, seed=args.seed):
             bad.update(batch['bad'])
-            check_bad(sorted(bad), len(train), args.max_bad)
+            data.check_bad(bad, len(train), args.max_bad)
             if not len(batch['wave']):
                 continue
             for g in opt.param_groups:

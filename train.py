@@ -411,17 +411,12 @@ def train(args, ddp, rank, world, device):
 
     batches, bad_files, fresh_bad = stream(epoch, batch_idx), set(), set()
 
-    def check_bad():
-        if len(bad_files) > args.max_bad * len(dataset):
-            raise SystemExit(f"error: {len(bad_files)} of {len(dataset)} audio files could not be read "
-                             f"(more than --max_bad {args.max_bad}), e.g. {sorted(bad_files)[:3]}")
-
     def next_batch():
         while True:
             e, b, batch = next(batches)
             bad_files.update(batch['bad'])
             fresh_bad.update(batch['bad'])
-            check_bad()  # this rank's own count; settle() checks all ranks' together
+            data.check_bad(bad_files, len(dataset), args.max_bad)  # this rank's own; settle() checks all ranks'
             if len(batch['wave']):
                 return e, b, batch['wave'].to(device, non_blocking=True), batch_inputs(batch['index'])
 
@@ -462,7 +457,7 @@ def train(args, ddp, rank, world, device):
             dist.all_gather_object(pooled, sorted(fresh_bad))
             bad_files.update(*pooled)
         fresh_bad.clear()
-        check_bad()
+        data.check_bad(bad_files, len(dataset), args.max_bad)
         names = [k for k in window if k != 'n']
         if not names:  # just logged
             return dict(window)
