@@ -1,14 +1,13 @@
-"""Audio data: CSV manifests, decoding, random crops, the two front-ends and the demo set.
+"""Audio data: CSV manifests, decoding, random crops, the two front-ends, class and caption targets.
 
 Workers only decode and crop waveforms; log-mel features are computed afterwards, batched
-on the training device, by `FrontEnd` (SPEC §3). Spectrograms are (B, 1, F, T): F mel bins,
-T frames. Manifest columns (SPEC §6): file (required), label (`;`-separated), caption
-(`|`-separated), split (train/valid/test), fold (int).
+on the training device, by `FrontEnd`. Spectrograms are (B, 1, F, T): F mel bins, T frames.
+Manifest columns: file (required), label (`;`-separated), caption (`|`-separated), split
+(train/valid/test), fold (int).
 """
 import csv
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -96,7 +95,7 @@ def read_manifest(path, split=None):
     With `split`, keeps the rows of that split when the manifest has a split column. UTF-8 (with or without a BOM);
     header names are stripped of spaces; quoted fields may hold commas, quotes and line breaks; optional columns may
     be absent or empty. A row without a file, a file that is not UTF-8 text or CSV, and a manifest without rows are
-    errors naming the line; rows that repeat a file are kept, each one sample, with a warning (README, Data).
+    errors naming the line; rows that repeat a file are kept, each one sample, with a warning (docs/data.md).
     """
     rows, seen, repeats = [], {}, []
     try:
@@ -134,20 +133,27 @@ def read_manifest(path, split=None):
     return rows
 
 
-def label_table(rows, source):
-    """Class names and per-row targets: (N,) class indices when every row has one label,
-    (N, C) multi-hot floats when any row has several. Every row must have a label."""
+def multi_hot(lists, names):
+    """(n, C) float: row i has 1 at the names in lists[i]."""
+    index = {c: j for j, c in enumerate(names)}
+    y = torch.zeros(len(lists), len(names))
+    for i, items in enumerate(lists):
+        y[i, [index[name] for name in items]] = 1.0
+    return y
+
+
+def class_targets(rows, source, classes=None):
+    """(class names, (n, C) multi-hot float targets) for rows that must each have a label. The class names are the
+    rows' own labels, sorted, unless `classes` (the training rows') is given; a label outside it is an error."""
     unlabeled = [r['file'] for r in rows if not r['labels']]
     if unlabeled:
         raise SystemExit(f"error: {source}: {len(unlabeled)} of {len(rows)} rows have no label (e.g. {unlabeled[0]}); "
-                         "this method trains a classifier and needs a 'label' on every row")
-    names = sorted({name for r in rows for name in r['labels']})
-    if all(len(r['labels']) == 1 for r in rows):
-        return names, torch.tensor([names.index(r['labels'][0]) for r in rows])
-    targets = torch.zeros(len(rows), len(names))
-    for i, r in enumerate(rows):
-        targets[i, [names.index(name) for name in r['labels']]] = 1.0
-    return names, targets
+                         "a classifier needs a 'label' on every row")
+    names = classes or sorted({name for r in rows for name in r['labels']})
+    unknown = sorted({name for r in rows for name in r['labels']} - set(names))
+    if unknown:
+        raise SystemExit(f"error: {source}: labels not in the training rows: {unknown[:10]}")
+    return names, multi_hot([r['labels'] for r in rows], names)
 
 
 def row_captions(row):
@@ -226,7 +232,7 @@ def load_audio(path, n=None, rng=None):
 def crop_or_pad(wave, n, rng=None):
     """Random crop (with a numpy Generator) or start crop to n samples; short clips are zero-padded."""
     if len(wave) < n:
-        return F.pad(wave, (0, n - len(wave)))  # pad in the waveform, not in the log domain (SPEC §3)
+        return F.pad(wave, (0, n - len(wave)))  # pad in the waveform, not in the log domain (ours; AudioMAE pads the fbank)
     start = int(rng.integers(0, len(wave) - n + 1)) if rng is not None else 0
     return wave[start:start + n]
 
@@ -263,7 +269,7 @@ class AudioDataset(Dataset):
 
 
 def check_bad(bad, total, max_bad):
-    """SPEC §9: unreadable files are skipped with a warning until they are more than max_bad of all `total`."""
+    """Unreadable files are skipped with a warning until they are more than max_bad of all `total` (ours)."""
     if len(bad) > max_bad * total:
         raise SystemExit(f"error: {len(bad)} of {total} audio files could not be read (more than --max_bad {max_bad}), "
                          f"e.g. {sorted(bad)[:3]}")
@@ -301,6 +307,36 @@ def epoch_loader(dataset, batch_size, epoch, skip=0, rank=0, world=1, seed=0, nu
 
 
 @torch.no_grad()
+def clip_outputs(fn, rows, frontend, device, bf16, batch_size, num_workers, max_bad, min_frames, desc):
+    """fn(spec (B, 1, F, T)) -> (B, X) over every readable clip of `rows`, whole (zero-padded in the waveform to at least
+    min_frames), decoded by workers, batched by equal length on the device, under bf16 autocast if bf16. Returns (n_good, X) in row order and the
+    indices of the good rows; unreadable clips are skipped with a warning, up to max_bad of them."""
+    dataset = AudioDataset(rows, frontend.samples_for(min_frames), random_crop=False, whole=True)
+    outs, bad = {}, []
+    for items in tqdm(DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=list), desc=desc, leave=False):
+        bad += [it['bad'] for it in items if 'bad' in it]
+        items = [it for it in items if 'wave' in it]
+        for length in sorted({len(it['wave']) for it in items}):
+            group = [it for it in items if len(it['wave']) == length]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                y = fn(frontend(torch.stack([it['wave'] for it in group]).to(device))).float().cpu()
+            outs.update({it['index']: o for it, o in zip(group, y)})
+    if bad:
+        print(f"warning: {desc}: skipped {len(bad)} unreadable clip(s) of {len(rows)}", file=sys.stderr)
+    check_bad(bad, len(rows), max_bad)
+    good = sorted(outs)
+    return torch.stack([outs[i] for i in good]), good
+
+
+def check_finite(outputs, rows, source):
+    """Stop when the encoder's outputs (n, X) for `rows` are not finite: a broken checkpoint, not bad audio."""
+    broken = [r['file'] for r, o in zip(rows, outputs) if not torch.isfinite(o).all()]
+    if broken:
+        raise SystemExit(f"error: {source}: the encoder's outputs are not finite for {len(broken)} of {len(rows)} clips "
+                         f"(e.g. {broken[0]}); the checkpoint's weights are probably broken (NaN/Inf)")
+
+
+@torch.no_grad()
 def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
     """(mean, std) of the un-normalized log-mel over up to n_clips random training clips."""
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n_clips].tolist()
@@ -321,141 +357,10 @@ def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
     return mean, std * frontend.std_mult
 
 
-# ---------------------------------------------------------------------------------------------
-# The demo set: 12 synthetic sound classes, deterministic, generated on first use (SPEC §6)
-
-DEMO_VERSION, DEMO_SECONDS, DEMO_FRAMES = 2, 2.0, 192  # 192 frames = 1.92 s crops of 2 s clips
-DEMO_TRAIN, DEMO_TEST = 30, 10  # clips per class
-
-
-def _colored_noise(rng, n, exponent):
-    """Noise whose amplitude spectrum falls as f^-exponent (0 white, 1 pink, 2 brown)."""
-    spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
-    return np.fft.irfft(spec / np.maximum(f, 20.0) ** exponent, n)
-
-
-def _bursts(n, times, length, rng, make):
-    """Sum of short events `make(length)` placed at `times` (seconds)."""
-    x = np.zeros(n)
-    for t0 in times:
-        i = int(t0 * SAMPLE_RATE)
-        ev = make(length)[:max(n - i, 0)]
-        x[i:i + len(ev)] += ev
-    return x
-
-
-def _rms(x):
-    return np.sqrt(np.mean(x ** 2)) + 1e-9
-
-
-def _event(x, rng):
-    """Keep a random stretch of 30-100 % of x (20 ms fades), silence elsewhere; unit RMS before the envelope."""
-    n = len(x)
-    length = int(rng.uniform(0.3, 1.0) * n)
-    start = int(rng.integers(0, n - length + 1))
-    env = np.zeros(n)
-    env[start:start + length] = np.minimum(1, np.minimum(np.arange(length), np.arange(length)[::-1]) / 320)
-    return x / _rms(x) * env
-
-
-def _synth(label, rng, n):
-    t = np.arange(n) / SAMPLE_RATE
-    u = rng.uniform
-    if label == 'low_hum':
-        f = u(90, 160)
-        return sum(np.sin(2 * np.pi * k * f * t + u(0, 6)) / k for k in (1, 2, 3))
-    if label == 'whistle':
-        f = u(1800, 3200)
-        return np.sin(2 * np.pi * f * t + 0.002 * f * np.sin(2 * np.pi * u(4, 6) * t))
-    if label == 'buzz':
-        return 2 * ((t * u(110, 220) + u(0, 1)) % 1.0) - 1  # sawtooth: every harmonic
-    if label in ('rising_sweep', 'falling_sweep'):
-        f0, f1 = u(300, 600), u(2500, 4000)
-        if label == 'falling_sweep':
-            f0, f1 = f1, f0
-        return np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * t[-1])))
-    if label == 'white_noise':
-        return rng.standard_normal(n)
-    if label == 'rumble':
-        return _colored_noise(rng, n, 2.0)
-    if label == 'clicks':
-        rate = u(12, 25)
-        return _bursts(n, np.arange(u(0, 1 / rate), t[-1], 1 / rate), 64, rng,
-                       lambda m: rng.standard_normal(m) * np.exp(-np.arange(m) / 8))
-    if label == 'beeps':
-        f, rate = u(800, 1200), u(2, 3)
-        return np.sin(2 * np.pi * f * t) * ((t * rate + u(0, 1)) % 1.0 < 0.3)
-    if label == 'tremolo':
-        return np.sin(2 * np.pi * u(300, 700) * t) * (1 + 0.9 * np.sin(2 * np.pi * u(5, 10) * t)) / 2
-    if label == 'birdsong':
-        def syllable(m):
-            tt = np.arange(m) / SAMPLE_RATE
-            f0 = u(3500, 5000)
-            return np.sin(2 * np.pi * (f0 * tt - 1500 * tt ** 2 / (2 * tt[-1]))) * np.hanning(m)
-        return _bursts(n, np.cumsum(u(0.12, 0.3, size=12)) - 0.1, 960, rng, syllable)
-    if label == 'knocks':
-        return _bursts(n, np.sort(u(0, t[-1] - 0.1, size=rng.integers(2, 6))), 1600, rng,
-                       lambda m: _colored_noise(rng, m, 1.0) * np.exp(-np.arange(m) / 480))
-    raise KeyError(label)
-
-
-DEMO_CLASSES = {  # label: caption phrasings
-    'low_hum': ["a low steady hum", "a deep humming drone", "low-pitched humming"],
-    'whistle': ["a high-pitched whistle", "a shrill steady whistle", "someone whistling one high note"],
-    'buzz': ["a harsh buzzing tone", "an electric buzz", "a raspy sawtooth buzz"],
-    'rising_sweep': ["a tone sweeping upward", "a rising siren-like sweep", "pitch going up"],
-    'falling_sweep': ["a tone sweeping downward", "a falling whistle", "pitch going down"],
-    'white_noise': ["hissing white noise", "static hiss", "a steady broadband hiss"],
-    'rumble': ["a low rumble", "distant rumbling", "a deep noisy rumble like thunder"],
-    'clicks': ["rapid clicking", "a fast train of clicks", "ticking clicks in quick succession"],
-    'beeps': ["slow repeated beeps", "an alarm beeping", "a beep every half second"],
-    'tremolo': ["a wobbling tone", "a tone with tremolo", "a pulsating warbling note"],
-    'birdsong': ["birds chirping", "short high chirps like birdsong", "tweeting bird calls"],
-    'knocks': ["knocking on a door", "a few dull knocks", "thuds and knocks"],
-}
-
-
-def demo_root():
-    cache = os.environ.get('MAMCLAP_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'mam-clap'))
-    return os.path.join(cache, f'demo-v{DEMO_VERSION}')
-
-
-def make_demo(root):
-    """Synthesize the demo set into `root` (audio/*.wav + demo.csv). Deterministic per clip."""
-    os.makedirs(os.path.join(root, 'audio'), exist_ok=True)
-    n = int(DEMO_SECONDS * SAMPLE_RATE)
-    with open(os.path.join(root, 'demo.csv'), 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['file', 'label', 'caption', 'split'])
-        for c, (label, captions) in enumerate(DEMO_CLASSES.items()):
-            for i in range(DEMO_TRAIN + DEMO_TEST):
-                rng = np.random.default_rng([DEMO_VERSION, c, i])
-                x = _event(_synth(label, rng, n), rng)
-                x = x + _colored_noise(rng, n, rng.uniform(0, 2)) * _rms(x) * 10 ** (-rng.uniform(0, 20) / 20)  # SNR 0-20 dB
-                x = x / (np.abs(x).max() + 1e-9) * rng.uniform(0.1, 0.8)  # random loudness
-                name = f'audio/{label}_{i:03d}.wav'
-                sf.write(os.path.join(root, name), np.clip(x, -1, 1), SAMPLE_RATE, subtype='PCM_16')
-                w.writerow([name, label, '|'.join(captions), 'train' if i < DEMO_TRAIN else 'test'])
-
-
-def demo_manifest():
-    """Path of the demo manifest, synthesizing the set on first use (safe when several ranks race)."""
-    root = demo_root()
-    if not os.path.exists(os.path.join(root, 'demo.csv')):
-        os.makedirs(os.path.dirname(root), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(root), prefix='.demo-tmp-')
-        make_demo(tmp)
-        try:
-            os.rename(tmp, root)  # atomic: a concurrent rank either wins or finds the finished set
-        except OSError:
-            shutil.rmtree(tmp)
-    return os.path.join(root, 'demo.csv')
-
-
 def resolve_manifest(data):
     """`--data demo` or a CSV path -> CSV path."""
     if data == 'demo':
+        from tools.demo import demo_manifest  # tools.demo imports this module
         return demo_manifest()
     if not os.path.exists(data):
         raise SystemExit(f"error: --data {data}: no such manifest (pass a CSV file, or 'demo')")

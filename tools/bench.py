@@ -1,0 +1,73 @@
+"""`train.py --bench N`: time full training steps on one fixed batch, count their FLOPs, measure the device's matmul
+peak in the same run (for MFU), and time the data loader on its own. Prints and returns one JSON object
+(docs/performance.md explains each figure)."""
+import json
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, n, device):
+    """Mean seconds per call of fn over n calls."""
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / n
+
+
+def matmul_peak(device, dtype):
+    """The device's measured dense matmul throughput in TFLOP/s: square matmuls of the given dtype, the best of 5
+    trials (the best, because other load on the machine only ever slows a trial down)."""
+    n, reps = (8192, 10) if device.type == 'cuda' else (2048, 12)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    return max(2 * n ** 3 / timed(lambda: a @ b, reps, device) / 1e12 for _ in range(5))
+
+
+def bench(args, device, world, n_frames, step, teacher, loader):
+    """step(): one full training step (front-end, teacher, forward, backward, optimizer, EMA) on a fixed batch;
+    teacher(): the frozen CLAP teacher alone on that batch, or None; loader(): a fresh DataLoader.
+    FLOPs and TFLOP/s are the student's; the teacher's time per step is reported on its own."""
+    for _ in range(3):  # warm-up
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops, teacher_s = counter.get_total_flops(), 0.0
+    if teacher:
+        with FlopCounterMode(display=False) as counter:
+            teacher()
+        flops -= counter.get_total_flops()
+        teacher_s = timed(teacher, args.bench, device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = timed(step, args.bench, device)
+    tflops = flops / (step_s - teacher_s) / 1e12
+    peak = matmul_peak(device, {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}[args.amp])
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # The loader on its own: decode + crop with --num_workers, over up to 10 batches after the first (worker start-up).
+    batches = iter(loader())
+    next(batches)
+    t, n = time.perf_counter(), 0
+    for _, items in zip(range(10), batches):
+        n += len(items['wave'])
+    loader_rate = n / (time.perf_counter() - t)
+    samples = args.batch_size * world * args.accum
+    result = {'method': args.method, 'model': args.model, 'device': str(device), 'amp': args.amp,
+              'batch_size': args.batch_size, 'n_frames': n_frames, 'samples_per_s': samples / step_s,
+              'step_s': step_s, 'teacher_s': teacher_s, 'teacher_share': teacher_s / step_s, 'model_tflops': tflops,
+              'peak_tflops': peak, 'mfu': tflops / peak, 'peak_memory_gb': memory / 2 ** 30,
+              'num_workers': args.num_workers, 'loader_samples_per_s': loader_rate * world}
+    if world == 1 or torch.distributed.get_rank() == 0:
+        print(json.dumps(result))
+    return result

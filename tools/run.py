@@ -1,0 +1,188 @@
+"""Run plumbing shared by the entry points: the command-line flags they have in common, the device and DDP
+set-up, the lr schedule, atomic checkpoints, log trimming, stop signals and the cross-rank checks of train.py.
+None of it is in the papers; it is what keeps a long run safe (docs/reliability.md says what each guarantees)."""
+import argparse
+import ctypes
+import json
+import math
+import os
+import signal
+import sys
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def shared_flags(p, amp=('bf16', 'none')):
+    """The flags train.py, finetune.py and zeroshot.py have in common."""
+    p.add_argument('--data', default='demo', help="'demo' (the built-in synthetic set) or a CSV manifest")
+    p.add_argument('--batch_size', type=int, default=32, help='clips per process per step')
+    p.add_argument('--num_workers', type=int, default=cpu_share(),
+                   help="decoding workers per process (default: this process's share of the CPU cores, at most 8)")
+    p.add_argument('--max_bad', type=float, default=0.05, help='abort when more than this fraction of files fail')
+    p.add_argument('--amp', choices=list(amp), default='bf16', help='autocast precision (the front-end stays fp32)')
+    p.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
+                   help='unpickle any Python object in checkpoint files (only tensors, numbers, strings, containers and '
+                        'argparse.Namespace without): can run code, so only for files from a source you trust')
+    p.add_argument('--device', help='cpu or cuda (default: cuda when available)')
+
+
+def cpu_share():
+    """This process's share of the CPU cores, at most 8: one worker decodes 300-1100 crops/s (docs/performance.md)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+
+
+def given_flags(parser, argv):
+    """The dests of the optional flags that appear on the command line `argv` (parser has allow_abbrev=False)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.dest for a in parser._actions for s in a.option_strings
+            if any(x == s or x.startswith(s + '=') for x in argv)}
+
+
+def pick_device(name):
+    return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def init_distributed(device_name):
+    """(ddp, rank, world, device) from torchrun's environment variables (plain single process without them)."""
+    device = pick_device(device_name)
+    if 'RANK' not in os.environ:
+        return False, 0, 1, device
+    rank, world, local_rank = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if device.type == 'cuda':
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    # torchrun keeps one key-value store across restarts (--max-restarts): prefix this attempt's keys, or a restarted
+    # rank may read a dead rank's address (gloo: "connectFullMesh failed ... Connection refused").
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", dist.TCPStore(
+        os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world,
+        is_master=rank == 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'))  # else torchrun's own
+    dist.init_process_group('cpu:gloo,cuda:nccl' if device.type == 'cuda' else 'gloo',  # gloo: the CPU-side flags
+                            store=store, rank=rank, world_size=world)
+    return True, rank, world, device
+
+
+def warmup_cosine(optimizer, total, warmup):
+    """Per-step lr factor: linear warm-up over `warmup` steps (the first step already non-zero), then half-cycle cosine
+    to 0 (ref: MAE/M2D). The closed form through LambdaLR: SequentialLR(LinearLR, CosineAnnealingLR) computes the same
+    curve recursively, with rounding drift (ours). Each param group's lr is its initial lr times the factor."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return LambdaLR(optimizer, factor)
+
+
+def keep_freed_memory():
+    """glibc hands freed blocks over 128 KB straight back to the OS, so on CPU every step page-faults its activations
+    afresh. Raise the mmap and trim thresholds so they stay in the heap for reuse (ours; docs/performance.md)."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, 'mallopt'):
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum, 32 MiB
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+
+
+def save_checkpoint(path, state):
+    """Atomic save: write a temp file, flush it to disk, rename it over the old checkpoint, flush the rename. A process
+    killed at any moment leaves the old checkpoint or the new one, whole (and maybe a stray .tmp)."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def trim_log(path, step):
+    """Keep the JSON-lines records of steps <= step, the ones a checkpoint at `step` covers: a resumed run logs the
+    later steps again, and a killed run may have left half a line. Atomic, like save_checkpoint."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)['step'] <= step:
+                keep.append(line.rstrip('\n') + '\n')
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(path + '.tmp', path)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM (Ctrl-C, a scheduler's pre-emption, torchrun passing either on) do not kill the run: the loop
+    finishes its step, saves a checkpoint and exits with 128 + the signal number. Yields a list that holds the signal
+    once one came. A repeated signal is ignored (torchrun re-sends the one its workers already got); SIGKILL stops at
+    once and leaves the last checkpoint whole (save_checkpoint)."""
+    got = []
+
+    def handler(signum, frame):
+        if not got:
+            got.append(signum)
+            print(f"\n{signal.Signals(signum).name}: finishing the step, then saving a checkpoint", file=sys.stderr)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def any_rank_signal(got, ddp):
+    """The signal (number) any rank got, else 0, so that all ranks stop at the same step. A CPU flag (gloo): no GPU sync."""
+    flag = torch.tensor([got[0] if got else 0])
+    if ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
+def all_rng_states(device, ddp, world):
+    """Every rank's RNG state, so that each resumes its own masking stream."""
+    state = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+    if not ddp:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(states, rank, world, device, say):
+    if len(states) != world:
+        say(f"warning: the checkpoint was written by {len(states)} processes, this run has {world}; masking randomness "
+            "will differ from an uninterrupted run")
+        return
+    torch.set_rng_state(states[rank]['torch'])
+    if device.type == 'cuda' and states[rank]['cuda'] is not None:
+        torch.cuda.set_rng_state(states[rank]['cuda'], device)
+
+
+def pool_bad_files(bad, fresh, ddp, world):
+    """Under DDP, every rank learns the files the others could not read since the last call (fresh), so that all
+    ranks count the same files and abort together."""
+    if ddp:
+        pooled = [None] * world
+        dist.all_gather_object(pooled, sorted(fresh))
+        bad.update(*pooled)
+    fresh.clear()
+
+
+def mean_over_ranks(sums, device, ddp, world):
+    """{name: tensor or float} summed on each rank -> {name: float} averaged over ranks: the one host-device sync (and
+    collective) per log interval or checkpoint, not per step."""
+    if not sums:
+        return {}
+    vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in sums.values()])
+    if ddp:
+        dist.all_reduce(vals)
+        vals /= world
+    return dict(zip(sums, vals.tolist()))
