@@ -213,8 +213,8 @@ def load_audio(path, n=None, rng=None):
     """Decode a file to a mono float32 waveform at 16 kHz, shape (L,).
 
     With n, a 16 kHz file longer than n samples is decoded only in the crop crop_or_pad would take: from a
-    random start drawn from the numpy Generator rng, or from the start (ours: 10 s clips cropped to 6 s decode
-    1.5x (FLAC) to 2.5x (WAV) faster). Other files are decoded whole (and resampled), for crop_or_pad to crop.
+    random start drawn from the numpy Generator rng, or from the start (ours, for speed: docs/performance.md).
+    Other files are decoded whole (and resampled), for crop_or_pad to crop.
     """
     with sf.SoundFile(path) as f:
         if n is not None and f.samplerate == SAMPLE_RATE and f.frames > n:

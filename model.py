@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import losses
-from tools.checkpoints import load_file, part
+from tools.checkpoints import load_file, load_state, part
 
 
 @dataclass
@@ -124,21 +124,6 @@ def local_attention_mask(grid, window, shift):
     return win[:, None] == win[None, :]
 
 
-def load_state(module, state, source):
-    """Strict load_state_dict whose error lists missing/unexpected keys and shape mismatches."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} in checkpoint, {tuple(own[k].shape)} in model"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise SystemExit(f"error: {source} does not match the {type(module).__name__} being built "
-                         f"(another method, model size or input length?)\n  missing: {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}\n  unexpected: {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}\n  shape mismatches: {shapes[:8]}")
-    module.load_state_dict(state)
-
-
 def resize_pos_embed(pos, grid, new_grid):
     """(1, 1+N, D) position table on `grid` -> (1, 1+N', D) on `new_grid`: bicubic interpolation of the patch
     part over (Fp, Tp), CLS kept (ref: MAE/M2D fine-tuning with inputs of another length)."""
@@ -155,9 +140,8 @@ def init_weights(m):
             nn.init.zeros_(m.bias)
 
 
-# (ours, measured) On CPU the backward of PyTorch's flash-attention kernel is 2-3x slower than the math path
-# (two batched matmuls and a softmax) up to ~160 tokens, e.g. the visible tokens and demo-length decoders; longer
-# sequences and forward-only passes are faster with flash. m2d vit_base demo step: 2.02 -> 1.75 s.
+# (ours) On CPU the backward of PyTorch's flash-attention kernel is slower than the math path (two batched matmuls
+# and a softmax) up to ~160 tokens, e.g. the visible tokens and demo-length decoders (docs/performance.md).
 SHORT_CPU = 160
 
 

@@ -22,7 +22,7 @@ import data
 import losses
 import model as M
 import train
-from tools import checkpoints, demo
+from tools import checkpoints, demo, run as run_tools
 from tools.run import trim_log, warmup_cosine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -184,7 +184,7 @@ def test_frontend_shapes_and_normalization(name, n_mels):
     assert torch.allclose(spec, ((fe.log_mel(wave) - fe.mean) / fe.std)[:, None])
     ref = data.FRONTENDS[name]
     assert (fe.mean, fe.std) == (ref['mean'], ref['std'])
-    if name == 'mel80':  # the SPEC recipe, computed directly
+    if name == 'mel80':  # M2D's recipe, computed directly
         mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, hop_length=160, n_mels=80, f_min=50, f_max=8000,
                                                    norm='slaney', mel_scale='slaney')(wave)
         assert torch.allclose(fe.log_mel(wave), (mel + data.EPS).log(), atol=1e-5)
@@ -363,16 +363,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, monkeypatch, 
     run_train(capsys, tmp_path / 'straight', *args)
     straight = [json.loads(line) for line in open(tmp_path / 'straight' / 'log.jsonl')]
 
-    real_save = train.save_checkpoint
+    real_save = run_tools.save_checkpoint
 
     def crash_after_first_save(path, state):
         real_save(path, state)
         raise KeyboardInterrupt('simulated crash')
 
-    monkeypatch.setattr(train, 'save_checkpoint', crash_after_first_save)
+    monkeypatch.setattr(run_tools, 'save_checkpoint', crash_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         run_train(capsys, tmp_path / 'resumed', *args)
-    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    monkeypatch.setattr(run_tools, 'save_checkpoint', real_save)
     assert torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)['step'] == 2
     run_train(capsys, tmp_path / 'resumed', *args, '--resume')
     resumed = [json.loads(line) for line in open(tmp_path / 'resumed' / 'log.jsonl')]
@@ -387,7 +387,7 @@ def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
     manifest = write_manifest(tmp_path / 'm.csv', [f'{demo.demo_root()}/audio/buzz_{i:03d}.wav,buzz,,train' for i in range(12)])
     args = ['--data', manifest, '--steps', '5', '--amp', 'none', '--log_every', '3']  # 3 steps per epoch
     run_train(capsys, tmp_path / 'straight', *args)
-    monkeypatch.setattr(train, 'save_checkpoint', lambda path, state: (torch.save(state, path), 1 / 0))
+    monkeypatch.setattr(run_tools, 'save_checkpoint', lambda path, state: (torch.save(state, path), 1 / 0))
     with pytest.raises(ZeroDivisionError):
         run_train(capsys, tmp_path / 'resumed', *args, '--save_every', '4')  # crash at step 4, in epoch 1
     monkeypatch.undo()
@@ -563,7 +563,7 @@ def teacher():
 
 
 def test_teacher_builds_offline_without_importing_laion_clap(teacher, capsys):
-    assert 'laion_clap' not in sys.modules  # its __init__ downloads tokenizers (SPEC §5)
+    assert 'laion_clap' not in sys.modules  # its __init__ downloads tokenizers
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     teacher.train()
     assert not teacher.training  # stays in eval mode inside a model.train() call
@@ -1239,7 +1239,7 @@ record(train.main)(sys.argv[1:])
 
 
 def torchrun(out, *args, fault=None, restarts=0, script=('train.py',)):
-    """Two gloo ranks of the audiomae smoke configuration, always with --resume (as README, Reliability)."""
+    """Two gloo ranks of the audiomae smoke configuration, always with --resume (as docs/reliability.md)."""
     return subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'--max-restarts={restarts}',
          *(('--no-python', sys.executable, '-c', FAULTY_RANK) if fault else script), '--method', 'audiomae', *TINY,
@@ -1376,7 +1376,7 @@ def test_manifest_edge_cases(tmp_path, capsys):
 
 
 def test_downstream_bad_input(tmp_path, capsys, sentence_encoder):
-    """SPEC §9 in finetune.py and zeroshot.py (train.py: the tests above and the Bad input table in the README)."""
+    """Bad input in finetune.py and zeroshot.py (train.py: the tests above; docs/reliability.md lists them all)."""
     ckpt = str(hand_clap_checkpoint(tmp_path, sentence_encoder))
     rng = np.random.default_rng(0)
     good = [write_wav(tmp_path / f'{i}.wav', rng.normal(0, 0.3 if i % 2 else 1e-4, 12000)) for i in range(8)]

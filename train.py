@@ -28,13 +28,12 @@ from tqdm import tqdm
 
 import data
 from model import (M2D, OFFLINE_TEXT_ENCODER, VIT_PRESETS, AudioMAE, CLAPStage2, CLAPTeacher, SentenceEncoder,
-                   ViTConfig, clamp_logit_scale, load_state)
+                   ViTConfig, clamp_logit_scale)
 from tools.bench import bench
-from tools.checkpoints import load_file, part, read_checkpoint
+from tools.checkpoints import load_file, load_state, part, read_checkpoint
 from tools.demo import DEMO_FRAMES
-from tools.run import (all_rng_states, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
-                       mean_over_ranks, pool_bad_files, save_checkpoint, set_rng_state, shared_flags, stop_on_signals,
-                       trim_log, warmup_cosine)
+from tools.run import (Run, any_rank_signal, given_flags, init_distributed, keep_freed_memory, set_rng_state,
+                       shared_flags, stop_on_signals, warmup_cosine)
 
 # ---------------------------------------------------------------------------------------------
 # Methods
@@ -202,6 +201,7 @@ class TrainSet:
     text_ids: torch.Tensor = None  # (rows, max captions) ids into texts, and n_captions (rows,) per row
     n_captions: torch.Tensor = None
     text_emb: torch.Tensor = None  # (len(texts), d_s) frozen sentence embeddings (M2D-CLAP, M2D2 stage 1)
+    multi_label: bool = False  # some row has several labels: BCE instead of CE (SupMAM)
 
     def inputs(self, index, device):
         """Model inputs besides the spectrogram for the rows `index` (B,): class targets, one caption per row."""
@@ -225,7 +225,7 @@ def load_train_set(args, device, master):
     ts = TrainSet(manifest, data.AudioDataset(rows, frontend.n_samples, random_crop=True, seed=args.seed), frontend, [])
     if args.lambda_cls > 0:  # SupMAM: a label on every row
         ts.class_names, targets = data.class_targets(rows, manifest)
-        ts.targets = targets.to(device)
+        ts.targets, ts.multi_label = targets.to(device), bool((targets.sum(1) > 1).any())
     if args.lambda_clap > 0:  # CLAP methods: one of each row's captions per step
         ts.texts = sorted({t for r in rows for t in data.row_captions(r)})
         ts.text_ids, ts.n_captions = data.caption_ids(rows, ts.texts, manifest)  # refuses rows with neither
@@ -249,6 +249,50 @@ def batches(ts, args, epoch, batch_idx, rank, world, device, run):
             if len(batch['wave']):
                 yield epoch, batch_idx, batch['wave'].to(device, non_blocking=True), ts.inputs(batch['index'], device)
         epoch, batch_idx = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting points: --init (another checkpoint's encoder) and --resume (this run's checkpoint)
+
+def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
+    """--init: the encoder (and normalization stats) of another checkpoint; --resume: everything of this run's
+    checkpoint. Returns where the loop starts: step, loader position, last record and partial logging window."""
+    frontend = ts.frontend
+    if args.init:
+        ckpt = read_checkpoint(args.init, args.trust_checkpoint)  # ours, or an official M2D / AudioMAE release
+        enc = part(ckpt['model'], 'encoder.')
+        if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
+            # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
+            # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
+            run.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
+                     f"{tuple(raw_model.encoder.pos_embed.shape)}")
+            enc['pos_embed'] = raw_model.encoder.pos_embed
+        load_state(raw_model.encoder, enc, args.init)
+        if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
+            frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
+        run.say(f"initialized the encoder from {args.init} ({ckpt['args']['method']}, stage "
+                 f"{ckpt['args'].get('stage', 1)})")
+    if not (args.resume and os.path.exists(run.ckpt_path)):
+        if args.resume:
+            run.say(f"--resume: no checkpoint at {run.ckpt_path}; starting from scratch")
+        elif args.norm_stats == 'data':
+            frontend.mean, frontend.std = data.norm_stats_from_data(frontend, ts.dataset, run.device)
+        return dict(step=0, epoch=0, batch_idx=0, record={}, window={})
+    ckpt = load_file(run.ckpt_path, args.trust_checkpoint)
+    method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)
+    if (method, stage) != (args.method, args.stage):
+        raise SystemExit(f"error: {run.ckpt_path} is a {method} (stage {stage}) checkpoint, not {args.method} "
+                         f"(stage {args.stage})")
+    load_state(raw_model, ckpt['model'], run.ckpt_path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scheduler.load_state_dict(ckpt['scheduler'])
+    scaler.load_state_dict(ckpt['scaler'])
+    frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
+    set_rng_state(ckpt['rng'], run.rank, run.world, run.device, run.say)
+    run.saved = run.checked = ckpt['step']
+    run.say(f"resumed from {run.ckpt_path} at step {ckpt['step']}")
+    return {k: ckpt[k] for k in ('step', 'epoch', 'batch_idx', 'record', 'window')}
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,8 +360,7 @@ def train(args, run):
     torch.manual_seed(args.seed)
     cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=ts.frontend.n_mels, n_frames=ts.frontend.n_frames)
     text_dim = ts.text_emb.shape[1] if ts.text_emb is not None else 0
-    raw_model = build_model(args, cfg, len(ts.class_names), ts.targets is not None and bool((ts.targets.sum(1) > 1).any()),
-                            text_dim).to(device)
+    raw_model = build_model(args, cfg, len(ts.class_names), ts.multi_label, text_dim).to(device)
     teacher = CLAPTeacher(args.clap_ckpt, args.trust_checkpoint).to(device) if args.target == 'clap' else None  # no DDP
     torch.manual_seed(args.seed + 1000 * run.rank)
     eff_batch = args.batch_size * run.world * args.accum
@@ -331,7 +374,7 @@ def train(args, run):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     autocast = torch.autocast(device.type, dtype=torch.float16 if args.amp == 'fp16' else torch.bfloat16,
                               enabled=args.amp != 'none')
-    state = run.restore(raw_model, optimizer, scheduler, scaler, ts)
+    state = restore(args, run, raw_model, optimizer, scheduler, scaler, ts)
     model = DDP(raw_model, device_ids=[device.index] if device.type == 'cuda' else None) if run.ddp else raw_model
     n_params = sum(p.numel() for p in params)
     say(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M trainable params) | {ts.manifest}: {len(ts.dataset)} clips "
@@ -363,7 +406,7 @@ def train(args, run):
 def loop(args, run, step_args, state, total_steps, eff_batch, extra):
     """The training loop: a step, then every --log_every steps a log record, every --save_every steps (and on a stop
     signal) a checkpoint."""
-    model, _, frontend, _, optimizer, scheduler, scaler = step_args[:7]
+    model, _, frontend, _, optimizer, scheduler, scaler, _, _ = step_args  # the parts the loop saves
     step, epoch, batch_idx, record, window = (state[k] for k in ('step', 'epoch', 'batch_idx', 'record', 'window'))
     log = run.open_log(step)
     bar = tqdm(total=total_steps, initial=step, disable=not run.master, dynamic_ncols=True, desc=args.method)
@@ -399,132 +442,6 @@ def loop(args, run, step_args, state, total_steps, eff_batch, extra):
         log.close()
     run.say(json.dumps(record))
     return record
-
-
-# ---------------------------------------------------------------------------------------------
-# Plumbing: checkpoints, resume, logs and the cross-rank checks (none of it is in the papers)
-
-class Run:
-    """One training run's ranks and device, its output folder, the last saved step, the files no rank could read,
-    and the checks made at every log and checkpoint step (docs/reliability.md)."""
-
-    def __init__(self, args, ddp, rank, world, device):
-        self.args, self.ddp, self.rank, self.world, self.device = args, ddp, rank, world, device
-        self.master = rank == 0
-        self.ckpt_path = os.path.join(args.out, 'checkpoint.pt')
-        self.saved = self.checked = None  # the last saved step; the last step whose loss terms were found finite
-        self.bad, self.fresh_bad = set(), set()  # unreadable files: all, and those not yet pooled across ranks
-        self.n_files, self.skips_in_a_row = 0, 0  # files in the training set; fp16 steps skipped in a row
-        if os.path.exists(self.ckpt_path) and not args.resume and not args.bench:
-            raise SystemExit(f"error: {self.ckpt_path} exists; continue that run with --resume, or pass another --out "
-                             "(or delete the folder) to start a new one")
-        os.makedirs(args.out, exist_ok=True)
-
-    def say(self, *a, **k):
-        if self.master:
-            print(*a, **k)
-
-    def note_bad(self, paths):
-        self.bad.update(paths)
-        self.fresh_bad.update(paths)
-        data.check_bad(self.bad, self.n_files, self.args.max_bad)  # this rank's own; settle() checks all ranks'
-
-    def add(self, window, terms, step, scales):
-        """Add a step's terms (device tensors) to the logging window. An fp16 step that GradScaler skipped (its scale
-        went down: scales = (before, after)) is counted instead, and 20 in a row stop the run."""
-        if scales[1] >= scales[0]:
-            self.skips_in_a_row = 0
-            return {**{k: window.get(k, 0.0) + v for k, v in terms.items()}, 'n': window.get('n', 0) + 1,
-                    **({'skipped': window['skipped']} if 'skipped' in window else {})}
-        self.skips_in_a_row += 1
-        if self.master:
-            tqdm.write(f"fp16: step {step} skipped, gradients not finite (GradScaler scale {scales[0]:g} -> {scales[1]:g})")
-        if self.skips_in_a_row >= 20:  # ours: a 1e6-fold smaller scale did not help, so it is not an overflow
-            raise SystemExit(f"error: fp16 gradients were not finite for 20 steps in a row (steps {step - 19}-{step}); "
-                             f"stopped. The last checkpoint ({self.ckpt_path}, step {self.saved}) is intact; try --amp bf16")
-        return {**window, 'skipped': window.get('skipped', 0) + 1}
-
-    def settle(self, window, step):
-        """The window's sums as floats averaged over ranks: the one host-device sync (and collective) per log interval
-        or checkpoint. A non-finite value stops the run before anything is saved. The ranks also pool the files
-        they could not read, and abort together."""
-        pool_bad_files(self.bad, self.fresh_bad, self.ddp, self.world)
-        data.check_bad(self.bad, self.n_files, self.args.max_bad)
-        counts = {k: window[k] for k in ('n', 'skipped') if k in window}
-        vals = mean_over_ranks({k: v for k, v in window.items() if k not in counts}, self.device, self.ddp, self.world)
-        if not all(map(math.isfinite, vals.values())):
-            when = f"at step {step}" if step == (self.checked or 0) + 1 else f"in steps {(self.checked or 0) + 1}-{step}"
-            raise SystemExit(f"error: non-finite loss or gradient {when}: " + ', '.join(
-                f"{k}={v / max(counts.get('n', 1), 1):.4g}" for k, v in vals.items()) + (
-                f". Stopped; the last good checkpoint ({self.ckpt_path}, step {self.saved}) is intact." if self.saved
-                else ". Stopped before any checkpoint was written."))
-        self.checked = step
-        return {**vals, **counts}
-
-    def restore(self, raw_model, optimizer, scheduler, scaler, ts):
-        """--init: the encoder (and normalization stats) of another checkpoint; --resume: everything of this run's
-        checkpoint. Returns where the loop starts: step, loader position, last record and partial logging window."""
-        args, frontend = self.args, ts.frontend
-        if args.init:
-            ckpt = read_checkpoint(args.init, args.trust_checkpoint)  # ours, or an official M2D / AudioMAE release
-            enc = part(ckpt['model'], 'encoder.')
-            if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
-                # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
-                # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
-                self.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
-                         f"{tuple(raw_model.encoder.pos_embed.shape)}")
-                enc['pos_embed'] = raw_model.encoder.pos_embed
-            load_state(raw_model.encoder, enc, args.init)
-            if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
-                frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
-            self.say(f"initialized the encoder from {args.init} ({ckpt['args']['method']}, stage "
-                     f"{ckpt['args'].get('stage', 1)})")
-        if not (args.resume and os.path.exists(self.ckpt_path)):
-            if args.resume:
-                self.say(f"--resume: no checkpoint at {self.ckpt_path}; starting from scratch")
-            elif args.norm_stats == 'data':
-                frontend.mean, frontend.std = data.norm_stats_from_data(frontend, ts.dataset, self.device)
-            return dict(step=0, epoch=0, batch_idx=0, record={}, window={})
-        ckpt = load_file(self.ckpt_path, args.trust_checkpoint)
-        method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)
-        if (method, stage) != (args.method, args.stage):
-            raise SystemExit(f"error: {self.ckpt_path} is a {method} (stage {stage}) checkpoint, not {args.method} "
-                             f"(stage {args.stage})")
-        load_state(raw_model, ckpt['model'], self.ckpt_path)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        scaler.load_state_dict(ckpt['scaler'])
-        frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
-        set_rng_state(ckpt['rng'], self.rank, self.world, self.device, self.say)
-        self.saved = self.checked = ckpt['step']
-        self.say(f"resumed from {self.ckpt_path} at step {ckpt['step']}")
-        return {k: ckpt[k] for k in ('step', 'epoch', 'batch_idx', 'record', 'window')}
-
-    def save(self, model, optimizer, scheduler, scaler, frontend, extra, state):
-        """Every rank's RNG, and on rank 0 everything else, in one atomic checkpoint."""
-        rng = all_rng_states(self.device, self.ddp, self.world)  # each rank resumes its own masking stream
-        raw_model = model.module if self.ddp else model
-        if self.master:
-            save_checkpoint(self.ckpt_path, {
-                'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'scaler': scaler.state_dict(), **state, 'rng': rng, 'args': vars(self.args), 'frontend': frontend.config(),
-                **extra})
-        self.saved = state['step']
-
-    def open_log(self, step):
-        """<out>/log.jsonl on rank 0, trimmed to the checkpoint's step (a resumed run logs the later steps again)."""
-        if not self.master:
-            return None
-        path = os.path.join(self.args.out, 'log.jsonl')
-        trim_log(path, step)
-        return open(path, 'a')
-
-    def write_log(self, log, record, bar):
-        if self.master:
-            log.write(json.dumps(record) + '\n')
-            log.flush()
-            bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}")
-            tqdm.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
 
 if __name__ == '__main__':

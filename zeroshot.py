@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 import data
 from losses import accuracy, mean_average_precision, recall_at_k
-from model import AudioToSemantic, SentenceEncoder, build_encoder, encode_clip, load_state
-from tools.checkpoints import part, read_checkpoint
+from model import AudioToSemantic, SentenceEncoder, build_encoder, encode_clip
+from tools.checkpoints import load_state, part, read_checkpoint
 from tools.run import pick_device, shared_flags
 
 

@@ -35,6 +35,21 @@ def load_file(path, trust=False):
         raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
 
 
+def load_state(module, state, source):
+    """Strict load_state_dict whose error lists missing/unexpected keys and shape mismatches."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in checkpoint, {tuple(own[k].shape)} in model"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise SystemExit(f"error: {source} does not match the {type(module).__name__} being built "
+                         f"(another method, model size or input length?)\n  missing: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}\n  unexpected: {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}\n  shape mismatches: {shapes[:8]}")
+    module.load_state_dict(state)
+
+
 def read_checkpoint(path, trust=False):
     """A checkpoint of this project, or an official release converted to its layout (the module docstring)."""
     ckpt = load_file(path, trust)

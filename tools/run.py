@@ -1,5 +1,6 @@
 """Run plumbing shared by the entry points: the command-line flags they have in common, the device and DDP
-set-up, the lr schedule, atomic checkpoints, log trimming, stop signals and the cross-rank checks of train.py.
+set-up, the lr schedule, atomic checkpoints, log trimming, stop signals, and `Run`: train.py's output folder,
+logging window and the cross-rank checks at every log and checkpoint step.
 None of it is in the papers; it is what keeps a long run safe (docs/reliability.md says what each guarantees)."""
 import argparse
 import ctypes
@@ -13,6 +14,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+import data
 
 
 def shared_flags(p, amp=('bf16', 'none')):
@@ -186,3 +190,90 @@ def mean_over_ranks(sums, device, ddp, world):
         dist.all_reduce(vals)
         vals /= world
     return dict(zip(sums, vals.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# One training run's state outside the training story (train.py)
+
+class Run:
+    """One training run's ranks and device, its output folder, the last saved step, the files no rank could read,
+    and the checks made at every log and checkpoint step (docs/reliability.md)."""
+
+    def __init__(self, args, ddp, rank, world, device):
+        self.args, self.ddp, self.rank, self.world, self.device = args, ddp, rank, world, device
+        self.master = rank == 0
+        self.ckpt_path = os.path.join(args.out, 'checkpoint.pt')
+        self.saved = self.checked = None  # the last saved step; the last step whose loss terms were found finite
+        self.bad, self.fresh_bad = set(), set()  # unreadable files: all, and those not yet pooled across ranks
+        self.n_files, self.skips_in_a_row = 0, 0  # files in the training set; fp16 steps skipped in a row
+        if os.path.exists(self.ckpt_path) and not args.resume and not args.bench:
+            raise SystemExit(f"error: {self.ckpt_path} exists; continue that run with --resume, or pass another --out "
+                             "(or delete the folder) to start a new one")
+        os.makedirs(args.out, exist_ok=True)
+
+    def say(self, *a, **k):
+        if self.master:
+            print(*a, **k)
+
+    def note_bad(self, paths):
+        self.bad.update(paths)
+        self.fresh_bad.update(paths)
+        data.check_bad(self.bad, self.n_files, self.args.max_bad)  # this rank's own; settle() checks all ranks'
+
+    def add(self, window, terms, step, scales):
+        """Add a step's terms (device tensors) to the logging window. An fp16 step that GradScaler skipped (its scale
+        went down: scales = (before, after)) is counted instead, and 20 in a row stop the run."""
+        if scales[1] >= scales[0]:
+            self.skips_in_a_row = 0
+            return {**{k: window.get(k, 0.0) + v for k, v in terms.items()}, 'n': window.get('n', 0) + 1,
+                    **({'skipped': window['skipped']} if 'skipped' in window else {})}
+        self.skips_in_a_row += 1
+        if self.master:
+            tqdm.write(f"fp16: step {step} skipped, gradients not finite (GradScaler scale {scales[0]:g} -> {scales[1]:g})")
+        if self.skips_in_a_row >= 20:  # ours: a 1e6-fold smaller scale did not help, so it is not an overflow
+            raise SystemExit(f"error: fp16 gradients were not finite for 20 steps in a row (steps {step - 19}-{step}); "
+                             f"stopped. The last checkpoint ({self.ckpt_path}, step {self.saved}) is intact; try --amp bf16")
+        return {**window, 'skipped': window.get('skipped', 0) + 1}
+
+    def settle(self, window, step):
+        """The window's sums as floats averaged over ranks: the one host-device sync (and collective) per log interval
+        or checkpoint. A non-finite value stops the run before anything is saved. The ranks also pool the files
+        they could not read, and abort together."""
+        pool_bad_files(self.bad, self.fresh_bad, self.ddp, self.world)
+        data.check_bad(self.bad, self.n_files, self.args.max_bad)
+        counts = {k: window[k] for k in ('n', 'skipped') if k in window}
+        vals = mean_over_ranks({k: v for k, v in window.items() if k not in counts}, self.device, self.ddp, self.world)
+        if not all(map(math.isfinite, vals.values())):
+            when = f"at step {step}" if step == (self.checked or 0) + 1 else f"in steps {(self.checked or 0) + 1}-{step}"
+            raise SystemExit(f"error: non-finite loss or gradient {when}: " + ', '.join(
+                f"{k}={v / max(counts.get('n', 1), 1):.4g}" for k, v in vals.items()) + (
+                f". Stopped; the last good checkpoint ({self.ckpt_path}, step {self.saved}) is intact." if self.saved
+                else ". Stopped before any checkpoint was written."))
+        self.checked = step
+        return {**vals, **counts}
+
+    def save(self, model, optimizer, scheduler, scaler, frontend, extra, state):
+        """Every rank's RNG, and on rank 0 everything else, in one atomic checkpoint."""
+        rng = all_rng_states(self.device, self.ddp, self.world)  # each rank resumes its own masking stream
+        raw_model = model.module if self.ddp else model
+        if self.master:
+            save_checkpoint(self.ckpt_path, {
+                'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                'scaler': scaler.state_dict(), **state, 'rng': rng, 'args': vars(self.args), 'frontend': frontend.config(),
+                **extra})
+        self.saved = state['step']
+
+    def open_log(self, step):
+        """<out>/log.jsonl on rank 0, trimmed to the checkpoint's step (a resumed run logs the later steps again)."""
+        if not self.master:
+            return None
+        path = os.path.join(self.args.out, 'log.jsonl')
+        trim_log(path, step)
+        return open(path, 'a')
+
+    def write_log(self, log, record, bar):
+        if self.master:
+            log.write(json.dumps(record) + '\n')
+            log.flush()
+            bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}")
+            tqdm.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
