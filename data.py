@@ -20,6 +20,8 @@ import torchaudio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from tools import demo
+
 SAMPLE_RATE = 16000
 HOP = 160  # 10 ms frame shift for both front-ends
 EPS = torch.finfo(torch.float32).eps
@@ -309,8 +311,9 @@ def epoch_loader(dataset, batch_size, epoch, skip=0, rank=0, world=1, seed=0, nu
 @torch.no_grad()
 def clip_outputs(fn, rows, frontend, device, bf16, batch_size, num_workers, max_bad, min_frames, desc):
     """fn(spec (B, 1, F, T)) -> (B, X) over every readable clip of `rows`, whole (zero-padded in the waveform to at least
-    min_frames), decoded by workers, batched by equal length on the device, under bf16 autocast if bf16. Returns (n_good, X) in row order and the
-    indices of the good rows; unreadable clips are skipped with a warning, up to max_bad of them."""
+    min_frames), decoded by workers, batched by equal length on the device, under bf16 autocast if bf16. Returns
+    (n_good, X) in row order and the indices of the good rows; unreadable clips are skipped with a warning, up to
+    max_bad of them."""
     dataset = AudioDataset(rows, frontend.samples_for(min_frames), random_crop=False, whole=True)
     outs, bad = {}, []
     for items in tqdm(DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=list), desc=desc, leave=False):
@@ -360,8 +363,7 @@ def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
 def resolve_manifest(data):
     """`--data demo` or a CSV path -> CSV path."""
     if data == 'demo':
-        from tools.demo import demo_manifest  # tools.demo imports this module
-        return demo_manifest()
+        return demo.demo_manifest()
     if not os.path.exists(data):
         raise SystemExit(f"error: --data {data}: no such manifest (pass a CSV file, or 'demo')")
     return data

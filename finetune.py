@@ -66,7 +66,6 @@ def get_args(argv=None):
     p.add_argument('--freeze_embed', action=argparse.BooleanOptionalAction, default=False,
                    help='finetune: keep the patch embedding frozen (ref: M2D ESC-50 recipe)')
     p.add_argument('--out', help='folder for the best head/model per fold (default runs/<mode>)')
-    p.add_argument('--seed', type=int, default=0)
     known = p.parse_known_args(argv)[0]
     p.set_defaults(epochs=200 if known.mode == 'linear' else 100, out=os.path.join('runs', known.mode),
                    lr=1e-3 if known.mode == 'linear' else 0.02 if known.optim == 'sgd' else 1e-4)
@@ -78,8 +77,8 @@ def get_args(argv=None):
 
 def clip_outputs(fn, rows, encoder, frontend, args, device, desc):
     """fn(spec) -> (B, X) over every readable clip of rows, whole (data.clip_outputs)."""
-    return data.clip_outputs(fn, rows, frontend, device, args.amp == 'bf16', args.batch_size, args.num_workers, args.max_bad,
-                             encoder.cfg.patch, desc)
+    return data.clip_outputs(fn, rows, frontend, device, args.amp == 'bf16', args.batch_size, args.num_workers,
+                             args.max_bad, encoder.cfg.patch, desc)
 
 
 # ---------------------------------------------------------------------------------------------

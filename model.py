@@ -575,4 +575,3 @@ class CLAPStage2(nn.Module):
         """spec (B, 1, F, T); text: list of B captions -> named terms."""
         audio = self.audio_proj(self.encoder(spec)[:, 1:])  # (B, D) from all patch tokens
         return clap_terms(audio, self.text_proj(self.text_encoder(text)), self.logit_scale)
-

@@ -10,6 +10,7 @@ Plumbing (DDP set-up, atomic checkpoints, signals, cross-rank checks) is in tool
 file; the benchmark in tools/bench.py. The last stdout line of a run is one JSON object.
 """
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -63,13 +64,12 @@ PRESETS = {
     'm2d_clap': {**M2D_PRESET, 'lambda_clap': 0.01},
     'm2d2': {**M2D_PRESET, 'lambda_clap': 0.01, 'text_proj': True},
 }
-# M2D2 stage 2 (--stage 2) overrides the m2d2 preset: CLAP loss only, no masking (no --mask_ratio), 10 s inputs (1001 frames,
-# ref: M2D-CLAP 2025's 80x1001 models). blr 1e-4 and 30 epochs are ours (the papers give none).
+# M2D2 stage 2 (--stage 2) overrides the m2d2 preset: CLAP loss only, no masking (no --mask_ratio), 10 s inputs
+# (1001 frames, ref: M2D-CLAP 2025's 80x1001 models). blr 1e-4 and 30 epochs are ours (the papers give none).
 STAGE2 = dict(arch='clap', lambda_clap=1.0, crop_frames=1001, blr=1e-4, epochs=30)
 
-
-
-MAE_FAMILY, M2D_STAGE1 = 'the AudioMAE family (audiomae, mam_clap, supmam, supmam_clap)', 'm2d, m2d_clap, m2d2 (stage 1)'
+MAE_FAMILY = 'the AudioMAE family (audiomae, mam_clap, supmam, supmam_clap)'
+M2D_STAGE1 = 'm2d, m2d_clap, m2d2 (stage 1)'
 # Flags that act for some methods only (flag: whom it is for, test on the parsed args). Given to any other method,
 # they are a usage error rather than silently ignored.
 ONLY_FOR = {
@@ -85,7 +85,8 @@ ONLY_FOR = {
     'ema_decay_end': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
     'lambda_m2d': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
     'lambda_clap': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
-    'text_encoder': ('the methods with captions (m2d_clap, m2d2; m2d with --lambda_clap > 0)', lambda a: a.lambda_clap > 0),
+    'text_encoder': ('the methods with captions (m2d_clap, m2d2; m2d with --lambda_clap > 0)',
+                     lambda a: a.lambda_clap > 0),
     'text_proj': ('m2d_clap, m2d2 (stage 1)', lambda a: a.arch == 'm2d' and a.lambda_clap > 0),
     'sem_depth': ('m2d2 --stage 2', lambda a: a.arch == 'clap'),
     'unfreeze': ('m2d2 --stage 2', lambda a: a.arch == 'clap'),
@@ -136,8 +137,10 @@ def get_args(argv=None):
     g.add_argument('--lambda_cls', type=float, default=0.0,
                    help='weight of the classification loss (> 0 adds the SupMAM branch)')
     g.add_argument('--tau', type=float, default=10.0, help='classification temperature: CE(logits / tau, y)')
-    g.add_argument('--target', choices=['patches', 'clap'], help='reconstruct spectrogram patches, or CLAP teacher features')
-    g.add_argument('--clap_ckpt', help='official LAION-CLAP HTSAT-tiny checkpoint for the teacher (random weights without)')
+    g.add_argument('--target', choices=['patches', 'clap'],
+                   help='reconstruct spectrogram patches, or CLAP teacher features')
+    g.add_argument('--clap_ckpt',
+                   help='official LAION-CLAP HTSAT-tiny checkpoint for the teacher (random weights without)')
     g.add_argument('--ema_decay', type=float, default=0.99995, help='M2D target EMA decay at the first step')
     g.add_argument('--ema_decay_end', type=float, default=0.99999, help='... at the last step (linear in between)')
     g.add_argument('--lambda_m2d', type=float, default=1.0, help='weight of the M2D loss (M2D-CLAP Eq. 4)')
@@ -165,15 +168,14 @@ def get_args(argv=None):
     g.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False,
                    help='continue from <out>/checkpoint.pt when it exists (without, an existing one is an error)')
     g.add_argument('--init', help='initialize the encoder from a checkpoint (ours or an official release)')
-    g.add_argument('--seed', type=int, default=0)
     g.add_argument('--log_every', type=int, default=10)
     g.add_argument('--save_every', type=int, default=500, help='checkpoint every N steps (and at the end)')
     g.add_argument('--bench', type=int, default=0, metavar='N', help='time N training steps, print one JSON line, exit')
     known = p.parse_known_args(argv)[0]
     if known.stage == 2 and known.method != 'm2d2':
         p.error('--stage 2 exists for --method m2d2 only')
-    p.set_defaults(**{'crop_frames': None, 'out': os.path.join('runs', known.method + ('_stage2' if known.stage == 2 else '')),
-                      **PRESETS[known.method], **(STAGE2 if known.stage == 2 else {})})
+    out = os.path.join('runs', known.method + ('_stage2' if known.stage == 2 else ''))
+    p.set_defaults(**{'crop_frames': None, 'out': out, **PRESETS[known.method], **(STAGE2 if known.stage == 2 else {})})
     args = p.parse_args(argv)
     for flag in sorted(given_flags(p, argv) & set(ONLY_FOR)):
         whom, fits = ONLY_FOR[flag]
@@ -230,10 +232,8 @@ def load_train_set(args, device, master):
         ts.texts = sorted({t for r in rows for t in data.row_captions(r)})
         ts.text_ids, ts.n_captions = data.caption_ids(rows, ts.texts, manifest)  # refuses rows with neither
         if args.arch == 'm2d':  # frozen sentence encoder: embeddings computed once, cached next to the manifest
-            encoder = []
-            encode = lambda t: (encoder or encoder.append(SentenceEncoder(args.text_encoder).to(device).eval()) or
-                                encoder)[0](t)
-            cached, emb = data.caption_embeddings(manifest, args.text_encoder, encode, master)
+            encoder = functools.cache(lambda: SentenceEncoder(args.text_encoder).to(device).eval())  # only without a cache
+            cached, emb = data.caption_embeddings(manifest, args.text_encoder, lambda t: encoder()(t), master)
             index = {t: i for i, t in enumerate(cached)}
             ts.text_emb = emb[[index[t] for t in ts.texts]]  # (len(texts), d_s) in `texts` order
     return ts
@@ -265,13 +265,13 @@ def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
             # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
             # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
             run.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
-                     f"{tuple(raw_model.encoder.pos_embed.shape)}")
+                    f"{tuple(raw_model.encoder.pos_embed.shape)}")
             enc['pos_embed'] = raw_model.encoder.pos_embed
         load_state(raw_model.encoder, enc, args.init)
         if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
             frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
         run.say(f"initialized the encoder from {args.init} ({ckpt['args']['method']}, stage "
-                 f"{ckpt['args'].get('stage', 1)})")
+                f"{ckpt['args'].get('stage', 1)})")
     if not (args.resume and os.path.exists(run.ckpt_path)):
         if args.resume:
             run.say(f"--resume: no checkpoint at {run.ckpt_path}; starting from scratch")
@@ -292,7 +292,6 @@ def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
     run.saved = run.checked = ckpt['step']
     run.say(f"resumed from {run.ckpt_path} at step {ckpt['step']}")
     return {k: ckpt[k] for k in ('step', 'epoch', 'batch_idx', 'record', 'window')}
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,8 +380,8 @@ def train(args, run):
         f"| {ts.frontend.name} {cfg.n_frames} frames, norm ({ts.frontend.mean:.3f}, {ts.frontend.std:.3f}) | {device}, "
         f"amp {args.amp}")
     if ts.texts:
-        say(f"captions: {len(ts.texts)} distinct texts" + (f", {args.text_encoder} embeddings ({text_dim}-d)"
-                                                         if text_dim else f" for {args.text_encoder}"))
+        encoded = f", {args.text_encoder} embeddings ({text_dim}-d)" if text_dim else f" for {args.text_encoder}"
+        say(f"captions: {len(ts.texts)} distinct texts{encoded}")
     say(f"effective batch {eff_batch} = {args.batch_size} x {run.world} process(es) x {args.accum} accum | "
         f"lr {lr:.3g} = blr {args.blr:g} x {eff_batch} / 256 | {total_steps} steps, {steps_per_epoch} per epoch")
     stream = batches(ts, args, state['epoch'], state['batch_idx'], run.rank, run.world, device, run)

@@ -73,7 +73,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument('--ckpt', required=True, help='checkpoint with an audio-text head (ours or an official M2D-CLAP)')
-    shared_flags(p)
+    shared_flags(p, seed=False)
     p.add_argument('--split', default='test', help="manifest rows used when it has a split column ('all' for every row)")
     p.add_argument('--template', default='{label} can be heard', help='class prompt (ref: M2D-CLAP / EVAR)')
     p.add_argument('--retrieval', action='store_true', help='also audio->text and text->audio R@1/5/10 over the captions')

@@ -110,8 +110,6 @@ def convert_official(ckpt, path):
             'args': {'method': 'official ' + ('m2d' if m2d else 'audiomae'), 'text_encoder': text_encoder}}
 
 
-
-
 def part(state, prefix):
     """The entries of a state dict under `prefix`, with the prefix removed: part(state, 'encoder.') is the encoder's."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 import soundfile as sf
 
-from data import SAMPLE_RATE
+SAMPLE_RATE = 16000  # as data.SAMPLE_RATE (data.py imports this module)
 
 DEMO_VERSION, DEMO_SECONDS, DEMO_FRAMES = 2, 2.0, 192  # 192 frames = 1.92 s crops of 2 s clips
 DEMO_TRAIN, DEMO_TEST = 30, 10  # clips per class

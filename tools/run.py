@@ -19,8 +19,8 @@ from tqdm import tqdm
 import data
 
 
-def shared_flags(p, amp=('bf16', 'none')):
-    """The flags train.py, finetune.py and zeroshot.py have in common."""
+def shared_flags(p, amp=('bf16', 'none'), seed=True):
+    """The flags train.py, finetune.py and zeroshot.py have in common (zeroshot.py draws nothing random: no --seed)."""
     p.add_argument('--data', default='demo', help="'demo' (the built-in synthetic set) or a CSV manifest")
     p.add_argument('--batch_size', type=int, default=32, help='clips per process per step')
     p.add_argument('--num_workers', type=int, default=cpu_share(),
@@ -31,6 +31,8 @@ def shared_flags(p, amp=('bf16', 'none')):
                    help='unpickle any Python object in checkpoint files (only tensors, numbers, strings, containers and '
                         'argparse.Namespace without): can run code, so only for files from a source you trust')
     p.add_argument('--device', help='cpu or cuda (default: cuda when available)')
+    if seed:
+        p.add_argument('--seed', type=int, default=0)
 
 
 def cpu_share():
@@ -229,10 +231,12 @@ class Run:
                     **({'skipped': window['skipped']} if 'skipped' in window else {})}
         self.skips_in_a_row += 1
         if self.master:
-            tqdm.write(f"fp16: step {step} skipped, gradients not finite (GradScaler scale {scales[0]:g} -> {scales[1]:g})")
+            tqdm.write(f"fp16: step {step} skipped, gradients not finite "
+                       f"(GradScaler scale {scales[0]:g} -> {scales[1]:g})")
         if self.skips_in_a_row >= 20:  # ours: a 1e6-fold smaller scale did not help, so it is not an overflow
             raise SystemExit(f"error: fp16 gradients were not finite for 20 steps in a row (steps {step - 19}-{step}); "
-                             f"stopped. The last checkpoint ({self.ckpt_path}, step {self.saved}) is intact; try --amp bf16")
+                             f"stopped. The last checkpoint ({self.ckpt_path}, step {self.saved}) is intact; "
+                             "try --amp bf16")
         return {**window, 'skipped': window.get('skipped', 0) + 1}
 
     def settle(self, window, step):
@@ -258,8 +262,9 @@ class Run:
         raw_model = model.module if self.ddp else model
         if self.master:
             save_checkpoint(self.ckpt_path, {
-                'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                'scaler': scaler.state_dict(), **state, 'rng': rng, 'args': vars(self.args), 'frontend': frontend.config(),
+                'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), **state, 'rng': rng,
+                'args': vars(self.args), 'frontend': frontend.config(),
                 **extra})
         self.saved = state['step']
 
