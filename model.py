@@ -323,7 +323,7 @@ class AudioMAE(nn.Module):
                                         nn.Linear(4 * D, n_classes)).apply(init_weights) if n_classes else None
 
     def forward(self, spec, y=None, target=None):
-        """spec (B, 1, F, T); y labels (SupMAM); target (B, N, Dt) teacher map (MAM-CLAP) -> named loss terms."""
+        """spec (B, 1, F, T); y (B, C) class targets (SupMAM); target (B, N, Dt) teacher map (MAM-CLAP) -> named terms."""
         B, cfg = spec.shape[0], self.encoder.cfg
         ids_keep, _, ids_restore, mask = random_masking(B, cfg.grid[0] * cfg.grid[1], self.mask_ratio, spec.device)
         z = self.encoder(spec, ids_keep)  # (B, 1+K, D)

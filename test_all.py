@@ -880,6 +880,13 @@ def test_a_flag_that_does_nothing_for_the_method_is_a_usage_error(capsys, argv, 
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_every_flag_that_does_nothing_is_named(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.get_args('--method m2d2 --stage 2 --init x.pt --mask_ratio 0.5 --text_proj'.split())
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and '--mask_ratio does nothing' in err and '--text_proj does nothing' in err
+
+
 def test_family_flags_that_act_are_accepted():
     for argv in ('--method audiomae --lambda_cls 0.01 --tau 5', '--method audiomae --target clap --clap_ckpt c.pt',
                  '--method m2d --lambda_clap 0.01 --text_encoder x --no-text_proj', '--method m2d2 --no-text_proj',

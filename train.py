@@ -177,11 +177,11 @@ def get_args(argv=None):
     out = os.path.join('runs', known.method + ('_stage2' if known.stage == 2 else ''))
     p.set_defaults(**{'crop_frames': None, 'out': out, **PRESETS[known.method], **(STAGE2 if known.stage == 2 else {})})
     args = p.parse_args(argv)
-    for flag in sorted(given_flags(p, argv) & set(ONLY_FOR)):
-        whom, fits = ONLY_FOR[flag]
-        if not fits(args):
-            p.error(f"--{flag} does nothing for --method {args.method}{' --stage 2' if args.stage == 2 else ''}; "
-                    f"it is for {whom}")
+    method = f"--method {args.method}{' --stage 2' if args.stage == 2 else ''}"
+    unused = [f"--{flag} does nothing for {method}; it is for {ONLY_FOR[flag][0]}"
+              for flag in sorted(given_flags(p, argv) & set(ONLY_FOR)) if not ONLY_FOR[flag][1](args)]
+    if unused:
+        p.error('\n'.join(unused))
     if args.arch == 'clap' and not args.init:
         p.error('--method m2d2 --stage 2 trains on top of a stage-1 audio encoder: pass --init <stage-1 checkpoint>, '
                 'e.g. --init runs/m2d2/checkpoint.pt from --method m2d2 --stage 1')
