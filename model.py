@@ -110,18 +110,15 @@ def structured_masking(B, grid, t_ratio, f_ratio, device):
     return _split_ids(ids_shuffle, (Fp - nf) * (Tp - nt))
 
 
-def local_attention_mask(grid, window, shift):
-    """(1+N, 1+N) bool, True = may attend: Swin-style windows over the grid, shifted along time.
-
-    A window shift of s with Swin's cyclic roll + mask is the same as windows starting at
-    t = s - w, s, s + w, ...: window index floor((t - s) / w). CLS is a window of its own,
-    so patch tokens do not see it (AudioMAE drops CLS in its local decoder).
-    """
+def shifted_window_mask(grid, window, shift):
+    """(nW, A, A) additive mask of the windows of a grid rolled by -shift along time: 0 within a window, -100 between
+    tokens that the cyclic roll brought together from opposite ends of the grid (ref: Swin, AudioMAE's local decoder).
+    Windows are numbered frequency-major, A = wf * wt tokens each, frequency-major within a window."""
     (Fp, Tp), (wf, wt) = grid, window
-    f, t = torch.meshgrid(torch.arange(Fp), torch.arange(Tp), indexing='ij')
-    win = (f // wf) * (Tp // wt + 2) + torch.div(t - shift, wt, rounding_mode='floor') + 1  # (Fp, Tp)
-    win = torch.cat([torch.tensor([-1]), win.flatten()])  # (1+N,)
-    return win[:, None] == win[None, :]
+    t = torch.arange(Tp)  # rolled time position -> region: [0, Tp - wt), [Tp - wt, Tp - shift), [Tp - shift, Tp)
+    region = (t >= Tp - wt).long() + (t >= Tp - shift).long()
+    region = region.expand(Fp, Tp).reshape(Fp // wf, wf, Tp // wt, wt).permute(0, 2, 1, 3).reshape(-1, wf * wt)
+    return (region[:, :, None] != region[:, None, :]).float() * -100.0  # (nW, A, A)
 
 
 def resize_pos_embed(pos, grid, new_grid):
@@ -145,6 +142,14 @@ def init_weights(m):
 SHORT_CPU = 160
 
 
+def attention(q, k, v, mask=None, scale=None):
+    """softmax(q k^T * scale + mask) v with SDPA, q k v (..., L, d); the math kernel for short CPU sequences under
+    autograd (SHORT_CPU)."""
+    short = q.device.type == 'cpu' and q.shape[-2] <= SHORT_CPU and torch.is_grad_enabled()
+    with sdpa_kernel(SDPBackend.MATH) if short else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -153,22 +158,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
-        with sdpa_kernel(SDPBackend.MATH) if x.device.type == 'cpu' and L <= SHORT_CPU and torch.is_grad_enabled() \
-                else nullcontext():
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, L, D/h)
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, L, D))  # (B, h, L, D/h) -> (B, L, D)
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, out=None, act=nn.GELU, drop=0.0):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act(), nn.Linear(hidden, out or dim)
+        self.drop = nn.Dropout(drop) if drop else nn.Identity()
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):
@@ -179,9 +182,67 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.norm1(x), attn_mask)
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+class WindowAttention(nn.Module):
+    """Swin-V2 attention within windows (ref: AudioMAE's local decoder, its timm_patch/swin_transformer.py): scaled
+    cosine attention cos(q, k) / tau with a learnable tau per head (>= 0.01), plus a continuous relative position bias,
+    an MLP (2 -> 384, ReLU -> heads, dropout 0.1 as the reference) on the log-spaced (time, freq) offsets."""
+
+    def __init__(self, dim, heads, window, hidden=384):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.meta_mlp = Mlp(2, hidden, heads, act=nn.ReLU, drop=0.1)
+        self.tau = nn.Parameter(torch.ones(heads))
+        f, t = torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing='ij')
+        pos = torch.stack([t.flatten(), f.flatten()], 1)  # (A, 2): (time, freq), the reference's (H, W) order
+        rel = (pos[:, None] - pos[None]).float()  # (A, A, 2) offsets between the tokens of a window
+        self.register_buffer('rel_log', rel.sign() * rel.abs().log1p(), persistent=False)
+
+    def forward(self, x, mask=None):
+        """x (B, nW, A, D) the tokens of each window, mask (nW, A, A) additive or None -> (B, nW, A, D)."""
+        B, nW, A, D = x.shape
+        q, k, v = self.qkv(x).view(B, nW, A, 3, self.heads, D // self.heads).permute(3, 0, 1, 4, 2, 5)  # (B, nW, h, A, d)
+        q = F.normalize(q, dim=-1) / self.tau.clamp(min=0.01)[:, None, None]  # cos(q, k) / tau
+        bias = self.meta_mlp(self.rel_log).permute(2, 0, 1)  # (h, A, A)
+        bias = bias + mask[:, None] if mask is not None else bias  # (nW, h, A, A) or (h, A, A)
+        x = attention(q, F.normalize(k, dim=-1), v, bias.to(q.dtype), scale=1.0)  # (B, nW, h, A, d)
+        return self.proj(x.transpose(2, 3).reshape(B, nW, A, D))
+
+
+class WindowBlock(nn.Module):
+    """Swin-V2 block of AudioMAE's local decoder (ref): post-norm residuals x + norm1(attn(x)), x + norm2(mlp(x)),
+    attention within (wf, wt) windows of the (Fp, Tp) grid, cyclically shifted by `shift` along time."""
+
+    def __init__(self, dim, heads, grid, window=(4, 4), shift=0, mlp_ratio=4.0):
+        super().__init__()
+        window = (min(window[0], grid[0]), min(window[1], grid[1]))  # a grid smaller than a window is one window (ref)
+        shift = shift if grid[1] > window[1] else 0
+        assert grid[0] % window[0] == 0 and grid[1] % window[1] == 0, \
+            f"local attention needs a patch grid divisible by its {window} windows, not {grid}: use --no-local_attn"
+        self.window = window
+        self.attn, self.norm1 = WindowAttention(dim, heads, window), nn.LayerNorm(dim, eps=1e-6)
+        self.mlp, self.norm2 = Mlp(dim, int(dim * mlp_ratio)), nn.LayerNorm(dim, eps=1e-6)
+        self.register_buffer('attn_mask', shifted_window_mask(grid, window, shift) if shift else None, persistent=False)
+        # The cyclic roll and the window partition as one gather: token index of each (window, position in it).
+        (Fp, Tp), (wf, wt) = grid, window
+        f, t = torch.meshgrid(torch.arange(Fp), (torch.arange(Tp) + shift) % Tp, indexing='ij')  # rolled grid
+        order = (f * Tp + t).view(Fp // wf, wf, Tp // wt, wt).transpose(1, 2).flatten()  # (N,) in window order
+        self.register_buffer('order', order, persistent=False)
+        self.register_buffer('inverse', order.argsort(), persistent=False)
+
+    def forward(self, x):
+        """x (B, N, D) grid tokens, frequency-major -> (B, N, D)."""
+        B, N, D = x.shape
+        h = x.index_select(1, self.order).view(B, -1, self.window[0] * self.window[1], D)  # (B, nW, A, D)
+        h = self.attn(h, self.attn_mask).view(B, N, D).index_select(1, self.inverse)  # back to grid order
+        x = x + self.norm1(h)
+        return x + self.norm2(self.mlp(x))
 
 
 class ViT(nn.Module):
@@ -267,8 +328,10 @@ def encode_clip(encoder, spec):
 
 
 class Decoder(nn.Module):
-    """MAE decoder / M2D predictor: Linear(D -> Dd), mask tokens scattered back to the grid,
-    fixed sin-cos positions, Transformer blocks (optionally local), LayerNorm, Linear(Dd -> out)."""
+    """MAE decoder / M2D predictor: Linear(D -> Dd), mask tokens scattered back to the grid, fixed sin-cos positions,
+    Transformer blocks, LayerNorm, Linear(Dd -> out). With `window`, AudioMAE's local decoder (ref): CLS dropped,
+    Swin-V2 blocks on (wf, wt) windows, every other block shifted by half a window along time; `depth` of them (ours:
+    the reference always builds 16, MAM-CLAP uses 1)."""
 
     def __init__(self, in_dim, dim, depth, out_dim, grid, window=None):
         super().__init__()
@@ -276,12 +339,12 @@ class Decoder(nn.Module):
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer('pos_embed', torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, grid)])[None])  # (1, 1+N, Dd)
-        self.blocks = nn.ModuleList([Block(dim, dim // 32) for _ in range(depth)])  # head width 32 (ref: 512-d, 16 heads)
+        heads = dim // 32  # head width 32 (ref: 512-d, 16 heads)
+        self.local = window is not None
+        self.blocks = nn.ModuleList([WindowBlock(dim, heads, grid, window, window[1] // 2 if i % 2 else 0)
+                                     if self.local else Block(dim, heads) for i in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
-        # AudioMAE's local decoder (ref): 4x4 windows, every other block shifted by half a window along time.
-        self.register_buffer('attn_mask', torch.stack([local_attention_mask(grid, window, s) for s in (0, window[1] // 2)])
-                             if window else None, persistent=False)  # (2, 1+N, 1+N) or None
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
         assert self.pos_embed.shape[1] == 1 + N
@@ -293,9 +356,12 @@ class Decoder(nn.Module):
         tokens = torch.cat([x[:, 1:], self.mask_token.expand(B, N + 1 - x.shape[1], -1).to(x.dtype)], 1)  # (B, N, Dd) shuffled
         tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, Dd))  # (B, N, Dd) grid order
         x = torch.cat([x[:, :1], tokens], 1) + self.pos_embed  # (B, 1+N, Dd)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, None if self.attn_mask is None else self.attn_mask[i % 2])
-        return self.pred(self.norm(x))[:, 1:]  # (B, N, out)
+        if self.local:
+            x = x[:, 1:]  # the local decoder drops CLS (ref)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.pred(self.norm(x))
+        return x if self.local else x[:, 1:]  # (B, N, out)
 
 
 class AudioMAE(nn.Module):

@@ -113,23 +113,69 @@ def test_position_embeddings_match_the_grid():
 
 
 def test_local_attention_windows_and_time_shift():
-    grid = (8, 12)
-    m0 = M.local_attention_mask(grid, (4, 4), 0)[1:, 1:].view(8, 12, 8, 12)
-    assert m0[0, 0, 3, 3] and not m0[0, 0, 4, 0] and not m0[0, 3, 0, 4]
-    m1 = M.local_attention_mask(grid, (4, 4), 2)
-    assert m1[0, 0] and not m1[0, 1:].any() and not m1[1:, 0].any()  # CLS only sees itself
-    m1 = m1[1:, 1:].view(8, 12, 8, 12)
-    assert m1[0, 2, 0, 5] and not m1[0, 1, 0, 2] and m1[0, 0, 0, 1]  # windows [0,2) [2,6) [6,10) [10,12)
-    assert not m1[0, 2, 4, 2]  # frequency windows are not shifted
-    # a block with the mask: a token's output depends only on its own window
-    blk = M.Block(32, 4).eval()
-    x = torch.randn(1, 1 + 96, 32)
-    y = blk(x, M.local_attention_mask(grid, (4, 4), 0))
-    x2 = x.clone()
-    x2[0, 1 + 5 * 12 + 8] += 10  # token (f=5, t=8): window f 4-7, t 8-11
-    y2 = blk(x2, M.local_attention_mask(grid, (4, 4), 0))
-    changed = (y2 - y).abs().amax(-1)[0, 1:].view(8, 12) > 1e-6
-    assert changed[4:, 8:].any() and not changed[:4].any() and not changed[:, :8].any()
+    grid = (8, 12)  # a token's output depends only on the tokens of its own window
+    for shift, token, window in ((0, (5, 8), (slice(4, 8), slice(8, 12))), (2, (5, 8), (slice(4, 8), slice(6, 10))),
+                                 (2, (1, 0), (slice(0, 4), slice(0, 2)))):  # t 0-1: the roll's wrapped half-window
+        blk = M.WindowBlock(32, 4, grid, (4, 4), shift).eval()
+        x = torch.randn(1, 96, 32)
+        x2 = x.clone()
+        x2[0, token[0] * 12 + token[1]] += 10
+        changed = (blk(x2) - blk(x)).abs().amax(-1)[0].view(8, 12) > 1e-6
+        inside = torch.zeros(8, 12, dtype=torch.bool)
+        inside[window] = True
+        assert changed[token] and not changed[~inside].any(), (shift, token)
+
+
+def swin_v2_reference(x, p, feat, window, shift):
+    """The local decoder block as AudioMAE's timm_patch/swin_transformer.py computes it, in its own orientation:
+    x (B, H*W, C) tokens of a (H time, W freq) grid, time-major; p the block's weights by our names."""
+    (H, W), (wh, ww), (B, L, C), heads = feat, window, x.shape, len(p['attn.tau'])
+    lin = lambda v, k: v @ p[k + '.weight'].T + p[k + '.bias']
+    ln = lambda v, k: torch.nn.functional.layer_norm(v, (C,), p[k + '.weight'], p[k + '.bias'], 1e-6)
+    img = torch.zeros(1, H, W, 1)  # the reference's shift mask: label regions, partition, -100 where labels differ
+    cnt = 0
+    for hs in (slice(0, -wh), slice(-wh, -shift), slice(-shift, None)) if shift else (slice(None),):
+        for ws in (slice(0, -ww), slice(-ww, 0), slice(0, None)) if shift else (slice(None),):
+            img[:, hs, ws] = cnt
+            cnt += 1
+    part = lambda t: t.view(-1, H // wh, wh, W // ww, ww, t.shape[-1]).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, t.shape[-1])
+    lab = part(img)[..., 0]
+    mask = (lab[:, None] - lab[:, :, None] != 0).float() * -100.0
+    h = torch.roll(x.view(B, H, W, C), (-shift, 0), (1, 2))
+    h = part(h)  # (B*nW, A, C)
+    q, k, v = lin(h, 'attn.qkv').view(len(h), wh * ww, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    attn = q @ k.transpose(-2, -1) / (q.norm(dim=-1, keepdim=True) @ k.norm(dim=-1, keepdim=True).transpose(-2, -1)).clamp(min=1e-6)
+    attn = attn / p['attn.tau'].clamp(min=0.01).view(1, heads, 1, 1)
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij')).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).reshape(-1, 2).float()
+    rel = torch.sign(rel) * torch.log(1.0 + rel.abs())
+    bias = lin(torch.relu(lin(rel, 'attn.meta_mlp.fc1')), 'attn.meta_mlp.fc2').T.reshape(heads, wh * ww, wh * ww)
+    attn = attn + bias[None]
+    if shift:
+        attn = (attn.view(B, -1, heads, wh * ww, wh * ww) + mask[None, :, None]).view(-1, heads, wh * ww, wh * ww)
+    h = lin((attn.softmax(-1) @ v).transpose(1, 2).reshape(len(h), wh * ww, C), 'attn.proj')
+    h = h.view(B, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+    h = torch.roll(h, (shift, 0), (1, 2)).reshape(B, L, C)
+    x = x + ln(h, 'norm1')
+    return x + ln(lin(torch.nn.functional.gelu(lin(x, 'mlp.fc1')), 'mlp.fc2'), 'norm2')
+
+
+def test_local_decoder_blocks_equal_the_reference_swin_v2_block():
+    torch.manual_seed(0)
+    Fp, Tp = 8, 16  # ours (freq, time); the reference's grid is (time, freq)
+    blocks = [M.WindowBlock(64, 4, (Fp, Tp), (4, 4), shift).eval() for shift in (0, 2)]
+    for blk in blocks:  # non-trivial weights everywhere, tau and LayerNorms included
+        for prm in blk.parameters():
+            prm.data.normal_(0, 0.3) if prm.ndim > 1 else prm.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, Fp * Tp, 64)
+    ours, ref = x, x.view(2, Fp, Tp, 64).transpose(1, 2).reshape(2, Tp * Fp, 64)  # time-major for the reference
+    with torch.no_grad():
+        for blk, shift in zip(blocks, (0, 2)):
+            ours = blk(ours)
+            ref = swin_v2_reference(ref, blk.state_dict(), (Tp, Fp), (4, 4), shift)
+            assert torch.allclose(ours, ref.view(2, Tp, Fp, 64).transpose(1, 2).reshape(2, -1, 64), atol=1e-5)
+    with pytest.raises(AssertionError, match='divisible by its'):
+        M.WindowBlock(64, 4, (5, 16))  # mel80's 5 frequency rows
 
 
 def test_encoder_sees_visible_tokens_only():
@@ -146,19 +192,17 @@ def test_encoder_sees_visible_tokens_only():
 
 
 def test_short_cpu_attention_math_path_equals_the_flash_kernel():
-    attn = M.Attention(64, 4)
     for L in (20, M.SHORT_CPU + 8):  # the math path (training on CPU, short) and flash (long)
-        x = torch.randn(3, L, 64, requires_grad=True)
-        mask = torch.rand(L, L) > 0.3
-        mask.fill_diagonal_(True)
+        q, k, v = (torch.randn(3, 4, L, 16, requires_grad=True) for _ in range(3))
+        mask = torch.randn(L, L)  # additive, as the local decoder's bias and shift mask
         for m in (None, mask):
-            out = attn(x, m)
-            grad, = torch.autograd.grad(out.square().sum(), x)
+            out = M.attention(q, k, v, m)
+            grad = torch.autograd.grad(out.square().sum(), (q, k, v))
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                q, k, v = attn.qkv(x).view(3, L, 3, 4, 16).permute(2, 0, 3, 1, 4)
-                ref = attn.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(3, L, 64))
-            ref_grad, = torch.autograd.grad(ref.square().sum(), x)
-            assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(grad, ref_grad, atol=1e-4)
+                ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            ref_grad = torch.autograd.grad(ref.square().sum(), (q, k, v))
+            assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grad, ref_grad))
+
 
 # ---------------------------------------------------------------------------------------------
 # Front-ends and data
