@@ -223,8 +223,10 @@ class WindowBlock(nn.Module):
         super().__init__()
         window = (min(window[0], grid[0]), min(window[1], grid[1]))  # a grid smaller than a window is one window (ref)
         shift = shift if grid[1] > window[1] else 0
-        assert grid[0] % window[0] == 0 and grid[1] % window[1] == 0, \
-            f"local attention needs a patch grid divisible by its {window} windows, not {grid}: use --no-local_attn"
+        if grid[0] % window[0] or grid[1] % window[1]:
+            raise SystemExit(f"error: the local decoder needs a patch grid divisible by its {window} windows, not {grid} "
+                             "(frequency rows, time columns of patches): pass --no-local_attn, or a front-end and "
+                             "--n_frames that give such a grid")
         self.window = window
         self.attn, self.norm1 = WindowAttention(dim, heads, window), nn.LayerNorm(dim, eps=1e-6)
         self.mlp, self.norm2 = Mlp(dim, int(dim * mlp_ratio)), nn.LayerNorm(dim, eps=1e-6)
