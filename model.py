@@ -9,11 +9,8 @@ frequency-major (index = f * Tp + t); K visible and M masked tokens; D encoder w
 Dd decoder width, d_s sentence-embedding width, E joint audio-text width. Mask convention:
 mask (B, N), 1 = masked (hidden from the encoder).
 """
-import importlib.util
 import math
-import os
 import sys
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -26,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import losses
 from tools.checkpoints import load_file, load_state, part
+from tools.htsat import create_htsat_tiny
 
 
 @dataclass
@@ -410,23 +408,6 @@ class AudioMAE(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # The MAM-CLAP teacher: LAION-CLAP's HTSAT-tiny audio branch
-
-HTSAT_TINY = dict(model_type='HTSAT', model_name='tiny', sample_rate=48000, audio_length=1024, window_size=1024,
-                  hop_size=480, fmin=50, fmax=14000, class_num=527, mel_bins=64, clip_samples=480000)
-
-
-def create_htsat_tiny():
-    """HTSAT-tiny from the laion-clap package, without importing `laion_clap` itself: its
-    __init__ imports the training code, which downloads tokenizers at import time."""
-    folder = os.path.dirname(importlib.util.find_spec('laion_clap').origin)  # locates, does not import
-    if folder not in sys.path:
-        sys.path.append(folder)
-    from clap_module.htsat import create_htsat_model
-    from clap_module.model import CLAPAudioCfp
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='torch.meshgrid')  # inside HTSAT's Swin blocks; harmless
-        return create_htsat_model(CLAPAudioCfp(**HTSAT_TINY))
-
 
 class CLAPTeacher(nn.Module):
     """Frozen CLAP audio encoder -> patch-level targets on the student's grid (MAM-CLAP §2.1).
