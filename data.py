@@ -67,6 +67,10 @@ class FrontEnd(torch.nn.Module):
             return (frames - 1) * HOP + 400  # kaldi snip_edges: frames = 1 + (L - 400) // 160
         return (frames - 1) * HOP  # centered STFT: frames = 1 + L // 160
 
+    def frame_seconds(self, index):
+        """Time of frame `index` (a number or tensor; fractions interpolate): the center of its 400-sample window."""
+        return (index * HOP + (200 if self.name == 'fbank128' else 0)) / SAMPLE_RATE
+
     @torch.autocast('cuda', enabled=False)
     @torch.autocast('cpu', enabled=False)
     def log_mel(self, wave):

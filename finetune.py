@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 import data
 from losses import accuracy, classification_loss, mean_average_precision
-from model import VIT_PRESETS, ViT, ViTConfig, build_encoder, encode_clip, structured_masking
-from tools.checkpoints import read_checkpoint
+from model import VIT_PRESETS, ViT, ViTConfig, encode_clip, structured_masking
 from tools.demo import DEMO_FRAMES
+from tools.embed import Encoder, load_encoder
 from tools.run import keep_freed_memory, pick_device, save_checkpoint, shared_flags, warmup_cosine
 
 # Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
@@ -110,9 +110,9 @@ def carve(rows, seed, fraction=0.1):
 # ---------------------------------------------------------------------------------------------
 # Linear evaluation (ref: EVAR)
 
-def linear_features(encoder):
+def linear_features(enc: Encoder):
     """spec -> (B, Fp*D): per time step the Fp frequency tokens concatenated, averaged over time (ref: EVAR)."""
-    return lambda spec: encode_clip(encoder, spec).mean(2).flatten(1)
+    return lambda spec: enc.tokens(spec).mean(2).flatten(1)
 
 
 def train_linear(X, Y, Xv, Yv, multi, score, args):
@@ -144,11 +144,11 @@ def train_linear(X, Y, Xv, Yv, multi, score, args):
     return head, mean, std, best[0]
 
 
-def run_linear(encoder, frontend, splits, classes, multi, score, args, device, source):
-    encoder.eval()
+def run_linear(enc: Encoder, splits, classes, multi, score, args, device, source):
+    enc.eval()
     rows = [r for _, tr, va, te in splits for r in tr + va + te]
     uniq = list({r['file']: r for r in rows}.values())  # K-fold shares clips between folds: one pass over each file
-    feats, good = clip_outputs(linear_features(encoder), uniq, encoder, frontend, args, device, 'features')
+    feats, good = clip_outputs(linear_features(enc), uniq, enc.encoder, enc.frontend, args, device, 'features')
     data.check_finite(feats, [uniq[i] for i in good], source)
     by_file = {uniq[i]['file']: f for i, f in zip(good, feats)}
     results = []
@@ -313,15 +313,15 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
     return test_score
 
 
-def encoder_and_frontend(args):
-    """The encoder to evaluate and its front-end: from --ckpt, or a random init (--ckpt none)."""
+def load(args, device):
+    """The encoder to evaluate with its front-end (tools/embed.py): from --ckpt, or a random init (--ckpt none)."""
     torch.manual_seed(args.seed)
     if args.ckpt == 'none':
         n_frames = args.n_frames or (DEMO_FRAMES if args.data == 'demo' else data.FRONTENDS[args.frontend]['n_frames'])
         cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=data.FRONTENDS[args.frontend]['n_mels'], n_frames=n_frames)
-        return ViT(cfg), data.FrontEnd(args.frontend, n_frames)
-    return build_encoder(read_checkpoint(args.ckpt, args.trust_checkpoint), args.ckpt,
-                         args.n_frames if args.mode == 'finetune' else None)
+        return Encoder(ViT(cfg), data.FrontEnd(args.frontend, n_frames)).to(device)
+    return load_encoder(args.ckpt, device, args.n_frames if args.mode == 'finetune' else None,
+                        trust=args.trust_checkpoint)
 
 
 def main(argv=None):
@@ -336,16 +336,17 @@ def main(argv=None):
     multi = any(len(r['labels']) > 1 for r in rows)
     score, metric = (mean_average_precision, 'mAP') if multi else (accuracy, 'accuracy')
     os.makedirs(args.out, exist_ok=True)
-    encoder, frontend = (m.to(device) for m in encoder_and_frontend(args))
+    enc = load(args, device)
+    encoder, frontend = enc.encoder, enc.frontend
     print(f"{args.mode} | {args.ckpt} | {encoder.cfg.width}-d x {encoder.cfg.depth} blocks, {frontend.name} "
           f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {metric}, "
           f"{len(splits)} fold(s), {len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device}")
     if args.mode == 'linear':
-        results = run_linear(encoder, frontend, splits, classes, multi, score, args, device, manifest)
+        results = run_linear(enc, splits, classes, multi, score, args, device, manifest)
     else:
         results = []
         for name, train, valid, test in splits:
-            encoder = encoder_and_frontend(args)[0].to(device) if results else encoder  # each fold from the checkpoint
+            encoder = load(args, device).encoder if results else encoder  # each fold from the checkpoint
             results.append(finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, args, device, name,
                                          manifest))
     record = {'mode': args.mode, 'ckpt': args.ckpt, 'metric': metric, 'test': statistics.mean(results),

