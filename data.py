@@ -3,9 +3,10 @@
 Workers only decode and crop waveforms; log-mel features are computed afterwards, batched
 on the training device, by `FrontEnd`. Spectrograms are (B, 1, F, T): F mel bins, T frames.
 Manifest columns: file (required), label (`;`-separated), caption (`|`-separated), split
-(train/valid/test), fold (int).
+(train/valid/test), fold (int), weight (>= 0: balanced sampling in training).
 """
 import csv
+import math
 import os
 import re
 import signal
@@ -121,10 +122,12 @@ def read_manifest(path, split=None):
                 if r['file'] in seen:
                     repeats.append(f"{r['file']} (lines {seen[r['file']]} and {reader.line_num})")
                 seen.setdefault(r['file'], reader.line_num)
-                rows.append(dict(file=os.path.join(root, r['file']),
-                                 labels=[s.strip() for s in (r.get('label') or '').split(';') if s.strip()],
+                rows.append(dict(file=os.path.join(root, r['file']),  # labels, split, fold: one string object each
+                                 labels=[sys.intern(s.strip()) for s in (r.get('label') or '').split(';') if s.strip()],
                                  captions=[s.strip() for s in (r.get('caption') or '').split('|') if s.strip()],
-                                 split=(r.get('split') or '').strip(), fold=(r.get('fold') or '').strip()))
+                                 split=sys.intern((r.get('split') or '').strip()),
+                                 fold=sys.intern((r.get('fold') or '').strip()),
+                                 weight=row_weight(r, path, reader.line_num) if 'weight' in cols else None))
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path}: not UTF-8 text ({e}); save the manifest as UTF-8")
     except csv.Error as e:
@@ -137,6 +140,18 @@ def read_manifest(path, split=None):
     if not rows:
         raise SystemExit(f"error: {path}: no rows" + (f" with split == {split!r}" if split and 'split' in cols else ''))
     return rows
+
+
+def row_weight(r, path, line):
+    """The `weight` column: a finite number >= 0, the row's relative chance to be drawn in training (balanced sampling)."""
+    try:
+        w = float(r['weight'])
+    except (TypeError, ValueError):
+        w = -1.0
+    if not (w >= 0 and math.isfinite(w)):
+        raise SystemExit(f"error: {path}, line {line}: weight {r['weight']!r} is not a number >= 0 (a manifest with a "
+                         "'weight' column needs one on every row)")
+    return w
 
 
 def multi_hot(lists, names):
@@ -254,13 +269,21 @@ class AudioDataset(Dataset):
     def __init__(self, rows, n_samples, random_crop=True, seed=0, whole=False):
         self.rows, self.n_samples, self.random_crop, self.seed, self.whole = rows, n_samples, random_crop, seed, whole
         self.epoch = 0
+        weighted = random_crop and bool(rows) and rows[0].get('weight') is not None  # training only
+        self.weights = torch.tensor([r['weight'] for r in rows], dtype=torch.double) if weighted else None
+        if weighted and not self.weights.sum() > 0:
+            raise SystemExit("error: every row's weight is 0: nothing to sample")
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
+        """i: a row index, or (row index, draw) from balanced sampling, which may draw a row more than once per epoch
+        (each draw its own crop)."""
+        i, draw = i if isinstance(i, tuple) else (i, None)
         path = self.rows[i]['file']
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.random_crop and not self.whole else None
+        key = [self.seed, self.epoch, i] + ([draw] if draw is not None else [])
+        rng = np.random.default_rng(key) if self.random_crop and not self.whole else None
         try:
             wave = load_audio(path, None if self.whole else self.n_samples, rng)
         except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
@@ -300,13 +323,20 @@ def epoch_loader(dataset, batch_size, epoch, skip=0, rank=0, world=1, seed=0, nu
     """DataLoader for one epoch: DistributedSampler order for (seed, epoch), the first `skip` batches dropped.
 
     The sampler shuffles identically on every rank and gives each rank its own shard; with one
-    process it is a plain seeded shuffle. The loader gets its own generator so it never draws
-    from the global torch RNG (which drives masking and must replay exactly on resume).
+    process it is a plain seeded shuffle. With row weights (a manifest's `weight` column), the epoch is instead
+    len(dataset) draws with replacement, each row with probability weight / sum (balanced sampling, e.g. AudioSet's
+    inverse label frequencies), seeded by (seed, epoch) and dealt to the ranks in turn. The loader gets its own
+    generator so it never draws from the global torch RNG (which drives masking and must replay exactly on resume).
     """
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
     dataset.epoch = epoch  # read by the (forked) workers when the iterator starts
-    order = list(sampler)[skip * batch_size:]
+    if dataset.weights is None:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip * batch_size:]
+    else:
+        g = torch.Generator().manual_seed(seed + epoch)  # as DistributedSampler seeds its shuffle
+        draws = torch.multinomial(dataset.weights, len(dataset) // world * world, replacement=True, generator=g)
+        order = [(i, k) for k, i in enumerate(draws.tolist())][rank::world][skip * batch_size:]  # (row, draw number)
     return DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True, num_workers=num_workers,
                       collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator(),
                       worker_init_fn=ignore_stop_signals)

@@ -315,6 +315,31 @@ def test_decoding_only_the_crop_equals_cropping_the_whole_clip(tmp_path):
             assert torch.equal(ds[0]['wave'], expected)
         assert torch.equal(data.AudioDataset([{'file': path}], 16000, random_crop=False)[0]['wave'], whole[:16000])
 
+def test_balanced_sampling_by_the_weight_column(tmp_path, capsys):
+    rng, weights = np.random.default_rng(0), [0, 1, 1, 2, 0, 4]
+    files = [write_wav(tmp_path / f'{i}.wav', 0.1 * rng.standard_normal(16000)) for i in range(6)]
+    manifest = write_manifest(tmp_path / 'm.csv', [f'{f},{w}' for f, w in zip(files, weights)], 'file,weight')
+    ds = data.AudioDataset(data.read_manifest(manifest), 4000, seed=3)
+    order = lambda epoch, skip=0, rank=0, world=1: list(data.epoch_loader(ds, 2, epoch, skip, rank, world, 3, 0).sampler)
+    assert order(0) == order(0) and order(0) != order(1) and len(order(0)) == 6  # len(dataset) draws per epoch
+    counts = np.bincount([i for e in range(400) for i, _ in order(e)], minlength=6) / 2400
+    assert counts[0] == counts[4] == 0 and np.allclose(counts, np.array(weights) / 8, atol=0.03)  # P = weight / sum
+    ranks = order(5, rank=0, world=2) + order(5, rank=1, world=2)
+    assert sorted(ranks, key=lambda x: x[1]) == order(5)  # DDP: the ranks deal one epoch's draws between them
+    assert order(5, skip=1) == order(5)[2:]  # resume after batch 1: the same draws from batch 2 on
+    row = order(0)[0][0]
+    assert not torch.equal(ds[(row, 0)]['wave'], ds[(row, 1)]['wave'])  # a row drawn twice gets two crops
+    for bad in ('x', '-1', '', 'nan'):
+        with pytest.raises(SystemExit, match=r"line 3: weight .* is not a number >= 0"):
+            data.read_manifest(write_manifest(tmp_path / 'b.csv', [f'{files[0]},1', f'{files[1]},{bad}'], 'file,weight'))
+    _, last = run_train(capsys, tmp_path / 'run', '--data', manifest, '--steps', '2')  # train.py and finetune.py
+    assert last['step'] == 2
+    tones = tone_manifest(tmp_path, header='file,label,split,weight', extra=lambda c, i: ['test' if i >= 4 else 'train', c + 1])
+    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '1', '--warmup', '0',
+                         '--data', tones, *FT, '--out', str(tmp_path / 'ft')])
+    assert 0 <= rec['test'] <= 1
+
+
 def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path, capsys):
     good = write_wav(tmp_path / 'good.wav', np.random.default_rng(0).normal(0, 0.1, 4000))
     (tmp_path / 'corrupt.wav').write_bytes(b'RIFF\x00\x01garbage' * 10)
@@ -442,7 +467,7 @@ def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
     assert [r['loss'] for r in logs['resumed']] == [r['loss'] for r in logs['straight']]
 
 
-@pytest.mark.parametrize('method', ['audiomae', 'supmam', 'm2d_clap'])  # BatchNorm; EMA + all-gather
+@pytest.mark.parametrize('method', ['supmam', 'm2d_clap'])  # AudioMAE + BatchNorm; EMA + all-gather, across nodes
 def test_ddp_two_processes_gloo(tmp_path, method):
     out = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
@@ -454,6 +479,24 @@ def test_ddp_two_processes_gloo(tmp_path, method):
     assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
+    if method == 'm2d_clap':  # the README's multi-node command: two torchrun agents (nodes), one process each
+        import socket
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]
+        agents = [subprocess.Popen(
+            [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
+             f'--rdzv-endpoint=127.0.0.1:{port}', '--rdzv-id=nodes', 'train.py', '--method', method, *TINY, '--steps', '3',
+             '--out', str(tmp_path / 'nodes')], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, 'OMP_NUM_THREADS': '1'}) for _ in range(2)]  # as torchrun sets for 2 local processes
+        for agent in agents:
+            err = agent.communicate(timeout=300)[1]
+            assert agent.returncode == 0, err[-3000:]
+        logs = [[json.loads(line) for line in open(d / 'log.jsonl')] for d in (tmp_path, tmp_path / 'nodes')]
+        assert len(logs[0]) == len(logs[1]) == 3
+        for one, two in zip(*logs):  # every logged term at every step equals the single-agent run's
+            assert one.keys() == two.keys() and all(math.isclose(one[k], two[k], rel_tol=1e-6) for k in one
+                                                    if k.startswith(('loss', 'acc_')))
 
 
 def test_init_loads_encoder_and_mismatch_lists_keys(tmp_path, capsys):
@@ -1133,7 +1176,7 @@ def test_pictures_of_a_demo_run(tmp_path, capsys):
     """tools/plots.py on real (2-step) runs: the arrays behind each figure, then the PNG files of one command."""
     from tools import plots
     for method in ('audiomae', 'mam_clap', 'm2d_clap'):
-        run_train(capsys, tmp_path / method, '--steps', '2', method=method)
+        run_train(capsys, tmp_path / method, '--steps', '2', method=method)  # two log lines for the curves
     ckpts = [str(tmp_path / m / 'checkpoint.pt') for m in ('audiomae', 'mam_clap', 'm2d_clap')]
     model = plots.pretraining_model(checkpoints.read_checkpoint(ckpts[0]), ckpts[0], torch.device('cpu'))
     spec = torch.randn(1, 1, 128, demo.DEMO_FRAMES)
