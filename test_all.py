@@ -1204,6 +1204,106 @@ def test_pictures_of_a_demo_run(tmp_path, capsys):
     assert set(runs) == {'audiomae', 'm2d_clap'} and [r['step'] for r in runs['m2d_clap']] == [1, 2]
 
 
+
+def test_dataset_recipes_on_fake_official_trees(tmp_path):
+    """Each recipe on a tiny tree laid out as the official download (folder names, CSV headers, list files)."""
+    from tools import recipes
+    clip = lambda path: (os.makedirs(os.path.dirname(path), exist_ok=True), write_wav(path, np.zeros(800)))[1]  # noqa
+    text = lambda path, s: (os.makedirs(os.path.dirname(path), exist_ok=True), open(path, 'w').write(s))  # noqa
+
+    def make(name, *extra):
+        root = tmp_path / name
+        out = recipes.main([name, str(root), *extra])
+        return {os.path.relpath(r['file'], root): r for r in data.read_manifest(out)}
+
+    root = tmp_path / 'esc50'
+    text(root / 'meta/esc50.csv', 'filename,fold,target,category,esc10,src_file,take\n1-100032-A-0.wav,1,0,dog,True,100032,A\n'
+         '5-9032-A-0.wav,5,0,dog,True,9032,A\n2-1-A-1.wav,2,1,rooster,False,1,A\n')
+    for f in ('1-100032-A-0.wav', '5-9032-A-0.wav', '2-1-A-1.wav'):
+        clip(root / 'audio' / f)
+    m = make('esc50')
+    assert m['audio/5-9032-A-0.wav']['fold'] == '5' and m['audio/2-1-A-1.wav']['labels'] == ['rooster'] and len(m) == 3
+    root = tmp_path / 'us8k'
+    text(root / 'metadata/UrbanSound8K.csv', 'slice_file_name,fsID,start,end,salience,fold,classID,class\n'
+         '100032-3-0-0.wav,100032,0.0,0.3,1,5,3,dog_bark\n')
+    clip(root / 'audio/fold5/100032-3-0-0.wav')
+    assert make('us8k')['audio/fold5/100032-3-0-0.wav'] | {} == dict(
+        file=str(root / 'audio/fold5/100032-3-0-0.wav'), labels=['dog_bark'], captions=[], split='', fold='5', weight=None)
+    root = tmp_path / 'spcv2'
+    for f in ('yes/a_nohash_0.wav', 'yes/b_nohash_0.wav', 'no/c_nohash_0.wav', '_background_noise_/white_noise.wav'):
+        clip(root / f)
+    text(root / 'validation_list.txt', 'yes/b_nohash_0.wav\n')
+    text(root / 'testing_list.txt', 'no/c_nohash_0.wav\n')
+    m = make('spcv2')
+    assert {k: (r['labels'][0], r['split']) for k, r in m.items()} == {
+        'yes/a_nohash_0.wav': ('yes', 'train'), 'yes/b_nohash_0.wav': ('yes', 'valid'), 'no/c_nohash_0.wav': ('no', 'test')}
+    root = tmp_path / 'vc1'
+    text(root / 'iden_split.txt', '1 id10001/1zcIwhmdeo4/00001.wav\n3 id10002/xTV-jFAUKcw/00002.wav\n')
+    clip(root / 'wav/id10001/1zcIwhmdeo4/00001.wav')
+    clip(root / 'wav/id10002/xTV-jFAUKcw/00002.wav')
+    m = make('vc1')
+    assert m['wav/id10002/xTV-jFAUKcw/00002.wav']['labels'] == ['id10002'] and m['wav/id10002/xTV-jFAUKcw/00002.wav']['split'] == 'test'
+    root = tmp_path / 'nsynth'
+    for split in ('train', 'valid', 'test'):
+        text(root / f'nsynth-{split}/examples.json', json.dumps({f'guitar_acoustic_000-060-{split}': {
+            'instrument_family_str': 'guitar', 'pitch': 60}}))
+        clip(root / f'nsynth-{split}/audio/guitar_acoustic_000-060-{split}.wav')
+    assert sorted(r['split'] for r in make('nsynth').values()) == ['test', 'train', 'valid']
+    root = tmp_path / 'gtzan'
+    for split, f in (('train', 'blues/blues.00000.wav'), ('valid', 'jazz/jazz.00001.wav'), ('test', 'rock/rock.00002.wav')):
+        clip(root / 'genres' / f)
+        text(tmp_path / 'gtzan_split' / f'{split}_filtered.txt', f + '\n')
+    m = make('gtzan', '--meta', str(tmp_path / 'gtzan_split'))
+    assert m['genres/jazz/jazz.00001.wav']['split'] == 'valid' and m['genres/rock/rock.00002.wav']['labels'] == ['rock']
+    root = tmp_path / 'cremad'  # EVAR's cremad.csv and the official AudioWAV folder
+    text(tmp_path / 'cremad.csv', 'file_name,label,speaker_id,split\n1001_DFA_ANG_XX.wav,ANG,1001,test\n')
+    clip(root / 'AudioWAV/1001_DFA_ANG_XX.wav')
+    assert make('cremad', '--meta', str(tmp_path / 'cremad.csv'))['AudioWAV/1001_DFA_ANG_XX.wav']['labels'] == ['ANG']
+    root = tmp_path / 'voxforge'
+    text(tmp_path / 'voxforge.csv', 'file_name,label,split\nanon-20080915/wav/a0001.wav,en,train\n')
+    clip(root / 'anon-20080915/wav/a0001.wav')
+    assert make('voxforge', '--meta', str(tmp_path / 'voxforge.csv'))['anon-20080915/wav/a0001.wav']['labels'] == ['en']
+    root = tmp_path / 'surge'
+    text(tmp_path / 'tones.csv', 'tone,split\nsurge-patches-Kick-velocity64,valid\n')
+    sf.write(str((os.makedirs(root / 'surge-patches-Kick-velocity64'), root / 'surge-patches-Kick-velocity64/C4.ogg')[1]),
+             np.zeros(800), 16000)
+    assert make('surge', '--meta', str(tmp_path / 'tones.csv'))['surge-patches-Kick-velocity64/C4.ogg'] | {} == dict(
+        file=str(root / 'surge-patches-Kick-velocity64/C4.ogg'), labels=['C4'], captions=[], split='valid', fold='', weight=None)
+    root = tmp_path / 'audioset'
+    text(root / 'class_labels_indices.csv', 'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/0912c9,"Vehicle horn, car horn, honking"\n')
+    header = '# Segments csv created Sun Mar  5 10:54:31 2017\n# num_ytids=2, num_segs=2, num_unique_labels=2\n' \
+             '# YTID, start_seconds, end_seconds, positive_labels\n'
+    text(root / 'balanced_train_segments.csv', header + '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/m/0912c9"\n'
+         '--ZhevVpy1s, 50.000, 60.000, "/m/09x0r"\n-missing-0s, 0.000, 10.000, "/m/09x0r"\n')
+    text(root / 'eval_segments.csv', header + '-22tna7KHzI, 28.000, 38.000, "/m/0912c9"\n')
+    for f in ('balanced_train_segments/--PJHxphWEs_30.000.wav', 'balanced_train_segments/--ZhevVpy1s_50.000.wav',
+              'eval_segments/-22tna7KHzI_28.000.wav'):
+        clip(root / f)
+    m = make('audioset')
+    two = m['balanced_train_segments/--PJHxphWEs_30.000.wav']
+    assert two['labels'] == ['Speech', 'Vehicle horn, car horn, honking'] and len(m) == 3  # the missing clip left out
+    assert two['weight'] == pytest.approx(1000 / 3.01 + 1000 / 1.01, rel=1e-5)  # Speech x3 in train (incl. missing)
+    assert m['eval_segments/-22tna7KHzI_28.000.wav']['split'] == 'test'
+    root = tmp_path / 'audiocaps'
+    text(root / 'train.csv', 'audiocap_id,youtube_id,start_time,caption\n1,abcdefghijk,30,A dog barks\n2,abcdefghijk,30,Barking\n')
+    text(root / 'val.csv', 'audiocap_id,youtube_id,start_time,caption\n3,Ybcdefghijk,0,Rain falls\n')
+    text(root / 'test.csv', 'audiocap_id,youtube_id,start_time,caption\n')
+    clip(root / 'wav/train/Yabcdefghijk.wav')
+    clip(root / 'wav/val/Ybcdefghijk_0.000.wav')
+    m = make('audiocaps', '--audio', str(root / 'wav'))
+    assert m['wav/train/Yabcdefghijk.wav']['captions'] == ['A dog barks', 'Barking']
+    assert m['wav/val/Ybcdefghijk_0.000.wav']['split'] == 'valid'
+    root = tmp_path / 'clotho'
+    text(root / 'clotho_captions_development.csv', 'file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n'
+         'a b.wav,one,two,three,four,five\n')
+    text(root / 'clotho_captions_validation.csv', 'file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n')
+    text(root / 'clotho_captions_evaluation.csv', 'file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n')
+    clip(root / 'development/a b.wav')
+    assert make('clotho')['development/a b.wav']['captions'] == ['one', 'two', 'three', 'four', 'five']
+    with pytest.raises(SystemExit, match=r'--meta FOLDER with train_filtered.txt'):
+        recipes.main(['gtzan', str(tmp_path / 'gtzan')])
+
+
 # ---------------------------------------------------------------------------------------------
 # One-line embeddings (tools/embed.py) and the HEAR API (tools/hear.py)
 
