@@ -3,6 +3,7 @@
     python finetune.py --ckpt runs/m2d/checkpoint.pt --mode linear     # frozen encoder + one Linear layer
     python finetune.py --ckpt runs/m2d/checkpoint.pt --mode finetune   # encoder + BatchNorm/Linear head, all trained
     python finetune.py --ckpt none --model vit_tiny --mode linear      # random-init baseline
+    torchrun --nproc_per_node=gpu finetune.py --ckpt CKPT --mode finetune --data audioset.csv  # data-parallel
 
 --ckpt takes a train.py checkpoint or an official M2D / M2D-CLAP / AudioMAE release (tools/checkpoints.py).
 Splits come from the manifest: a `fold` column gives K-fold (each fold is the test set once; mean ± std),
@@ -19,8 +20,11 @@ import sys
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -28,7 +32,7 @@ from losses import accuracy, classification_loss, mean_average_precision
 from model import VIT_PRESETS, ViT, ViTConfig, encode_clip, structured_masking
 from tools.demo import DEMO_FRAMES
 from tools.embed import Encoder, load_encoder
-from tools.run import keep_freed_memory, pick_device, save_checkpoint, shared_flags, warmup_cosine
+from tools.run import init_distributed, keep_freed_memory, save_checkpoint, shared_flags, warmup_cosine
 
 # Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
 # with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch (ref) -- we
@@ -170,13 +174,25 @@ def run_linear(enc: Encoder, splits, classes, multi, score, args, device, source
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning (ref: M2D util/ft-*.sh with EVAR's finetune.py; AudioMAE's fine-tuning)
 
+class BatchNormAcrossRanks(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the whole batch of all DDP processes, so data-parallel
+    fine-tuning equals one process on the global batch (ours: nn.SyncBatchNorm needs a GPU). The batch is gathered
+    with autograd; every process updates the same running statistics."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        rank, B = dist.get_rank(), len(x)
+        return super().forward(torch.cat(dist_nn.all_gather(x)))[rank * B:(rank + 1) * B]
+
+
 class Classifier(nn.Module):
     """Encoder + BatchNorm1d(affine=False) + Linear on the mean of the patch tokens (ref: EVAR TaskHead)."""
 
     def __init__(self, encoder, n_classes):
         super().__init__()
         D = encoder.cfg.width
-        self.encoder, self.head = encoder, nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, n_classes))
+        self.encoder, self.head = encoder, nn.Sequential(BatchNormAcrossRanks(D, affine=False), nn.Linear(D, n_classes))
         nn.init.normal_(self.head[1].weight, std=0.01)  # ref: EVAR
         nn.init.zeros_(self.head[1].bias)
 
@@ -248,28 +264,33 @@ def layer_groups(model, lr, weight_decay, layer_decay):
     return list(groups.values())
 
 
-def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, args, device, name, source):
+def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, args, device, name, source, world):
+    """Fine-tune on train, keep the epoch with the best validation score, score it on test. Under torchrun each
+    process trains on its share of every batch (DDP); all evaluate, the first saves."""
     torch.manual_seed(args.seed)
-    model = Classifier(encoder, len(classes)).to(device)
-    model.encoder.patch_embed.requires_grad_(not args.freeze_embed)
+    raw = Classifier(encoder, len(classes)).to(device)
+    raw.encoder.patch_embed.requires_grad_(not args.freeze_embed)
+    ddp, rank, size = world
+    model = DDP(raw, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else raw
     y_train, y_valid, y_test = (data.class_targets(rows, source, classes)[1] for rows in (train, valid, test))
     y_train = y_train.to(device)
-    groups = layer_groups(model, args.lr, args.weight_decay, args.layer_decay)
+    groups = layer_groups(raw, args.lr, args.weight_decay, args.layer_decay)
     opt = (torch.optim.SGD(groups, lr=args.lr, momentum=0.9) if args.optim == 'sgd' else
            torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999)))
     dataset = data.AudioDataset(train, frontend.n_samples, random_crop=True, seed=args.seed)
-    steps_per_epoch = len(train) // args.batch_size
+    steps_per_epoch = len(train) // size // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train)} training clips cannot fill one batch of {args.batch_size}; lower --batch_size")
+        raise SystemExit(f"error: {len(train)} training clips cannot fill one batch of {args.batch_size} x {size} "
+                         "process(es); lower --batch_size")
     scheduler = warmup_cosine(opt, args.epochs * steps_per_epoch, args.warmup * steps_per_epoch)
     t_ratio, f_ratio = args.patchout or PATCHOUT[frontend.name]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
     path = os.path.join(args.out, f"best_{name.replace(' ', '')}.pt")
     best, bad = -1.0, set()
-    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f'finetune {name}', dynamic_ncols=True)
+    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f'finetune {name}', dynamic_ncols=True, disable=rank > 0)
     for epoch in range(args.epochs):
         model.train()
-        for batch in data.epoch_loader(dataset, args.batch_size, epoch, num_workers=args.num_workers, seed=args.seed):
+        for batch in data.epoch_loader(dataset, args.batch_size, epoch, 0, rank, size, args.seed, args.num_workers):
             bad.update(batch['bad'])
             data.check_bad(bad, len(train), args.max_bad)
             if not len(batch['wave']):
@@ -296,20 +317,25 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
             bar.update()
             bar.set_postfix(loss=f'{loss.item():.4f}')
         model.eval()
-        scores, good = clip_outputs(model.clip_logits, valid, encoder, frontend, args, device, 'valid')
-        val = score(scores, y_valid[good])
+        scores, good = clip_outputs(raw.clip_logits, valid, encoder, frontend, args, device, 'valid')
+        val = score(scores, y_valid[good])  # the same on every process: they hold the same weights
         if val > best:
             best = val
-            save_checkpoint(path, {'model': model.state_dict(), 'model_config': asdict(encoder.cfg),
-                                   'frontend': frontend.config(), 'class_names': classes, 'epoch': epoch, 'valid': val,
-                                   'args': {**vars(args), 'method': 'finetune'}})
-        tqdm.write(f"{name} epoch {epoch}: loss {loss.item():.4f}, valid {val:.4f} (best {best:.4f})")
+            if rank == 0:
+                save_checkpoint(path, {'model': raw.state_dict(), 'model_config': asdict(encoder.cfg),
+                                       'frontend': frontend.config(), 'class_names': classes, 'epoch': epoch,
+                                       'valid': val, 'args': {**vars(args), 'method': 'finetune'}})
+        if rank == 0:
+            tqdm.write(f"{name} epoch {epoch}: loss {loss.item():.4f}, valid {val:.4f} (best {best:.4f})")
     bar.close()
-    model.load_state_dict(torch.load(path, weights_only=True)['model'])
-    model.eval()
-    scores, good = clip_outputs(model.clip_logits, test, encoder, frontend, args, device, 'test')
+    if ddp:
+        dist.barrier()  # the best checkpoint is written
+    raw.load_state_dict(torch.load(path, weights_only=True)['model'])
+    raw.eval()
+    scores, good = clip_outputs(raw.clip_logits, test, encoder, frontend, args, device, 'test')
     test_score = score(scores, y_test[good])
-    print(f"{name}: valid {best:.4f}, test {test_score:.4f}")
+    if rank == 0:
+        print(f"{name}: valid {best:.4f}, test {test_score:.4f}")
     return test_score
 
 
@@ -327,7 +353,17 @@ def load(args, device):
 def main(argv=None):
     args = get_args(argv)
     keep_freed_memory()
-    device = pick_device(args.device)
+    ddp, rank, size, device = init_distributed(args.device)  # torchrun: data-parallel fine-tuning
+    try:
+        if ddp and args.mode == 'linear':
+            raise SystemExit("error: linear evaluation runs in one process (it is fast); torchrun is for --mode finetune")
+        return evaluate(args, device, (ddp, rank, size))
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def evaluate(args, device, world):
     torch.manual_seed(args.seed)
     manifest = data.resolve_manifest(args.data)
     rows = data.read_manifest(manifest)
@@ -338,9 +374,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     enc = load(args, device)
     encoder, frontend = enc.encoder, enc.frontend
-    print(f"{args.mode} | {args.ckpt} | {encoder.cfg.width}-d x {encoder.cfg.depth} blocks, {frontend.name} "
-          f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {metric}, "
-          f"{len(splits)} fold(s), {len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device}")
+    say = print if world[1] == 0 else lambda *a: None
+    say(f"{args.mode} | {args.ckpt} | {encoder.cfg.width}-d x {encoder.cfg.depth} blocks, {frontend.name} "
+        f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {metric}, {len(splits)} fold(s), "
+        f"{len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device} x {world[2]}")
     if args.mode == 'linear':
         results = run_linear(enc, splits, classes, multi, score, args, device, manifest)
     else:
@@ -348,10 +385,10 @@ def main(argv=None):
         for name, train, valid, test in splits:
             encoder = load(args, device).encoder if results else encoder  # each fold from the checkpoint
             results.append(finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, args, device, name,
-                                         manifest))
+                                         manifest, world))
     record = {'mode': args.mode, 'ckpt': args.ckpt, 'metric': metric, 'test': statistics.mean(results),
               'std': statistics.pstdev(results), 'folds': results}
-    print(json.dumps(record))
+    say(json.dumps(record))
     return record
 
 

@@ -1380,6 +1380,29 @@ def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
     assert best['model']['head.1.weight'].shape == (12, 192) and best['model_config']['n_frames'] == demo.DEMO_FRAMES
 
 
+def test_finetune_under_torchrun_equals_one_process_on_the_global_batch(tmp_path, capsys):
+    """2 gloo processes x batch 4 against 1 process x batch 8 (augmentations off; the head's BatchNorm sees the global
+    batch): the same first-epoch model, within float tolerance."""
+    manifest = tone_manifest(tmp_path)  # 11 training clips after the validation carve: one step of 8 either way
+    flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '1', '--warmup', '0', '--data',
+             manifest, '--num_workers', '0', '--amp', 'none', '--mixup', '0', '--no-rrc', '--freq_mask', '0',
+             '--time_mask', '0', '--patchout', '0', '0']
+    one = finetune.main([*flags, '--batch_size', '8', '--out', str(tmp_path / 'one')])
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          'finetune.py', *flags, '--batch_size', '4', '--out', str(tmp_path / 'two')],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads(out.stdout.strip().splitlines()[-1])
+    a, b = (torch.load(tmp_path / d / 'best_split.pt', weights_only=True)['model'] for d in ('one', 'two'))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=2e-5) for k in a)
+    assert a['head.0.running_mean'].abs().sum() > 0  # the head's BatchNorm saw the batch (all 8 clips, both ways)
+    assert two['test'] == pytest.approx(one['test']) and 'cpu x 2' in out.stdout
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          'finetune.py', '--ckpt', 'none', '--model', 'vit_tiny', '--data', manifest], cwd=HERE,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and 'linear evaluation runs in one process' in out.stderr
+
+
 def test_kfold_multilabel_and_chunked_clips(tmp_path, capsys):
     kfold = tone_manifest(tmp_path, 6, 0.5, 'file,label,fold', lambda c, i: [1 + i % 3])
     rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--data', kfold, '--epochs', '50', *FT,
