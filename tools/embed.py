@@ -137,5 +137,6 @@ class Encoder(nn.Module):
             if weights:
                 load_state(self.text_encoder.model, weights, self.source)
             self.text_encoder.to(self.device).eval()
+            self.text_spec = None  # the weights now live in text_encoder
         return torch.cat([F.normalize(self.text_proj(self.text_encoder(texts[i:i + batch_size])).float(), dim=-1)
                           for i in range(0, len(texts), batch_size)])
