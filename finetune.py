@@ -272,6 +272,7 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
     raw.encoder.patch_embed.requires_grad_(not args.freeze_embed)
     ddp, rank, size = world
     model = DDP(raw, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else raw
+    torch.manual_seed(args.seed + 1000 * rank)  # the same init everywhere, then each process its own augmentations
     y_train, y_valid, y_test = (data.class_targets(rows, source, classes)[1] for rows in (train, valid, test))
     y_train = y_train.to(device)
     groups = layer_groups(raw, args.lr, args.weight_decay, args.layer_decay)

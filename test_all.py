@@ -329,6 +329,8 @@ def test_balanced_sampling_by_the_weight_column(tmp_path, capsys):
     assert order(5, skip=1) == order(5)[2:]  # resume after batch 1: the same draws from batch 2 on
     row = order(0)[0][0]
     assert not torch.equal(ds[(row, 0)]['wave'], ds[(row, 1)]['wave'])  # a row drawn twice gets two crops
+    with pytest.raises(SystemExit, match="every row's weight is 0"):
+        data.AudioDataset([{'file': files[0], 'weight': 0.0}], 4000)
     for bad in ('x', '-1', '', 'nan'):
         with pytest.raises(SystemExit, match=r"line 3: weight .* is not a number >= 0"):
             data.read_manifest(write_manifest(tmp_path / 'b.csv', [f'{files[0]},1', f'{files[1]},{bad}'], 'file,weight'))

@@ -34,7 +34,7 @@ from tools.checkpoints import load_file, load_state, part, read_checkpoint
 from tools.demo import DEMO_FRAMES
 from tools.run import (Run, any_rank_signal, given_flags, init_distributed, keep_freed_memory, set_rng_state,
                        shared_flags, stop_on_signals, warmup_cosine)
-from tools.sentence import OFFLINE_TEXT_ENCODER, TEXT_POOLING, SentenceEncoder
+from tools.sentence import OFFLINE_TEXT_ENCODER, SentenceEncoder, pooling_of
 
 # ---------------------------------------------------------------------------------------------
 # Methods
@@ -233,7 +233,7 @@ def load_train_set(args, device, master):
         ts.texts = sorted({t for r in rows for t in data.row_captions(r)})
         ts.text_ids, ts.n_captions = data.caption_ids(rows, ts.texts, manifest)  # refuses rows with neither
         if args.arch == 'm2d':  # frozen sentence encoder: embeddings computed once, cached next to the manifest
-            pooling = args.text_pooling or TEXT_POOLING.get(args.text_encoder, 'mean')
+            pooling = pooling_of(args.text_encoder, args.text_pooling)
             encoder = functools.cache(lambda: SentenceEncoder(args.text_encoder, pooling).to(device).eval())  # no cache
             cached, emb = data.caption_embeddings(manifest, f'{args.text_encoder}.{pooling}', lambda t: encoder()(t),
                                                   master)

