@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,13 @@ def demo_cache(tmp_path_factory):
     """Every test uses a fresh demo cache, generated once per session."""
     os.environ['MAMCLAP_CACHE'] = str(tmp_path_factory.mktemp('cache'))
     return demo.demo_manifest()
+
+
+@pytest.fixture
+def tmp_path(tmp_path):
+    """Each test's files go when it ends: the suite's checkpoints together would fill a small CI disk."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def write_wav(path, x, sr=16000):
