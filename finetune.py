@@ -14,25 +14,29 @@ The last stdout line is one JSON object.
 """
 import argparse
 import json
+import math
 import os
+import signal
 import statistics
 import sys
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 from losses import accuracy, classification_loss, mean_average_precision
 from model import VIT_PRESETS, ViT, ViTConfig, encode_clip, structured_masking
+from tools.augment import mixup, random_resize_crop, spec_augment
 from tools.demo import DEMO_FRAMES
 from tools.embed import Encoder, load_encoder
-from tools.run import init_distributed, keep_freed_memory, save_checkpoint, shared_flags, warmup_cosine
+from tools.run import (BatchNormAcrossRanks, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
+                       mean_over_ranks, read_finetune_state, save_checkpoint, save_finetune_state, set_rng_state, share_outputs, shared_flags,
+                       stop_on_signals, warmup_cosine)
 
 # Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
 # with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch (ref) -- we
@@ -46,8 +50,8 @@ def get_args(argv=None):
     p.add_argument('--ckpt', required=True, help="checkpoint (ours or an official release), or 'none' for random init")
     p.add_argument('--mode', choices=['linear', 'finetune'], default='linear')
     shared_flags(p)
-    p.add_argument('--model', default='vit_base', choices=sorted(VIT_PRESETS), help='with --ckpt none')
-    p.add_argument('--frontend', choices=sorted(data.FRONTENDS), default='mel80', help='with --ckpt none')
+    p.add_argument('--model', default='vit_base', choices=sorted(VIT_PRESETS), help='--ckpt none: the architecture')
+    p.add_argument('--frontend', choices=sorted(data.FRONTENDS), default='mel80', help='--ckpt none: the front-end')
     p.add_argument('--n_frames', type=int, help="fine-tuning input length (default: the checkpoint's); the position "
                    "table is interpolated to it")
     p.add_argument('--epochs', type=int, help='max epochs (default: 200 linear, 100 finetune)')
@@ -56,7 +60,7 @@ def get_args(argv=None):
                    'validation score')
     p.add_argument('--optim', choices=['sgd', 'adamw'], default='sgd', help='finetune: SGD momentum 0.9 (ref: M2D/EVAR) '
                    'or AdamW (ref: AudioMAE)')
-    p.add_argument('--weight_decay', type=float, default=0.0)
+    p.add_argument('--weight_decay', type=float, default=0.0, help='finetune: on weights of 2 or more dimensions')
     p.add_argument('--warmup', type=int, default=5, help='finetune: warm-up epochs')
     p.add_argument('--layer_decay', type=float, default=1.0, help='finetune: lr x decay^(depth - layer) (1 = off; '
                    'AudioMAE used 0.75)')
@@ -69,20 +73,33 @@ def get_args(argv=None):
                         'front-end: 0.2 0.2 fbank128, 0.4 0.2 mel80)')
     p.add_argument('--freeze_embed', action=argparse.BooleanOptionalAction, default=False,
                    help='finetune: keep the patch embedding frozen (ref: M2D ESC-50 recipe)')
+    p.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False,
+                   help='finetune: continue the unfinished run in <out>/checkpoint.pt (without, one there is an error)')
     p.add_argument('--out', help='folder for the best head/model per fold (default runs/<mode>)')
     known = p.parse_known_args(argv)[0]
     p.set_defaults(epochs=200 if known.mode == 'linear' else 100, out=os.path.join('runs', known.mode),
                    lr=1e-3 if known.mode == 'linear' else 0.02 if known.optim == 'sgd' else 1e-4)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    acts = {'linear': args.mode == 'linear', 'finetune': args.mode == 'finetune', '--ckpt none': args.ckpt == 'none'}
+    given = given_flags(p, argv)
+    for a in p._actions:  # a flag that does nothing here is an error, not a silent no-op; its help says where it acts
+        where = (a.help or '').split(':')[0]
+        if a.dest in given and not acts.get(where, True):
+            p.error(f"{a.option_strings[0]} does nothing here; it is for {'' if where[0] == '-' else '--mode '}{where}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
 # Whole clips through the encoder
 
-def clip_outputs(fn, rows, encoder, frontend, args, device, desc):
-    """fn(spec) -> (B, X) over every readable clip of rows, whole (data.clip_outputs)."""
-    return data.clip_outputs(fn, rows, frontend, device, args.amp == 'bf16', args.batch_size, args.num_workers,
-                             args.max_bad, encoder.cfg.patch, desc)
+def clip_outputs(fn, rows, encoder, frontend, args, device, desc, world):
+    """fn(spec) -> (B, X) over every readable clip of rows, whole (data.clip_outputs), and the indices of those rows.
+    Under torchrun each process encodes every world-th clip, and all receive all outputs (tools/run.py)."""
+    ddp, rank, size = world
+    mine = rows[rank::size]
+    out, good = data.clip_outputs(fn, mine, frontend, device, args.amp == 'bf16', args.batch_size, args.num_workers,
+                                  1.0 if ddp else args.max_bad, encoder.cfg.patch, desc) if mine else ([], [])
+    return share_outputs(out, good, rows, args.max_bad, world) if ddp else (out, good)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,43 +165,34 @@ def train_linear(X, Y, Xv, Yv, multi, score, args):
     return head, mean, std, best[0]
 
 
-def run_linear(enc: Encoder, splits, classes, multi, score, args, device, source):
+def run_linear(enc: Encoder, splits, task, args, device, world):
+    """Features of every clip once (shared by the processes under torchrun), then a head per fold."""
     enc.eval()
     rows = [r for _, tr, va, te in splits for r in tr + va + te]
     uniq = list({r['file']: r for r in rows}.values())  # K-fold shares clips between folds: one pass over each file
-    feats, good = clip_outputs(linear_features(enc), uniq, enc.encoder, enc.frontend, args, device, 'features')
-    data.check_finite(feats, [uniq[i] for i in good], source)
+    feats, good = clip_outputs(linear_features(enc), uniq, enc.encoder, enc.frontend, args, device, 'features', world)
+    data.check_finite(feats, [uniq[i] for i in good], task.source)
     by_file = {uniq[i]['file']: f for i, f in zip(good, feats)}
     results = []
     for name, train, valid, test in splits:
         parts = []
         for part in (train, valid, test):
             part = [r for r in part if r['file'] in by_file]
-            parts += [torch.stack([by_file[r['file']] for r in part]), data.class_targets(part, source, classes)[1]]
-        head, mean, std, val = train_linear(*parts[:4], multi, score, args)
+            parts += [torch.stack([by_file[r['file']] for r in part]),
+                      data.class_targets(part, task.source, task.classes)[1]]
+        head, mean, std, val = train_linear(*parts[:4], task.multi, task.score, args)  # the same in every process
         with torch.no_grad():
-            test_score = score(head((parts[4] - mean) / std), parts[5])
-        save_checkpoint(os.path.join(args.out, f"best_{name.replace(' ', '')}.pt"), {
-            'head': head.state_dict(), 'mean': mean, 'std': std, 'class_names': classes, 'args': vars(args)})
-        print(f"{name}: valid {val:.4f}, test {test_score:.4f}")
+            test_score = task.score(head((parts[4] - mean) / std), parts[5])
+        if world[1] == 0:
+            save_checkpoint(os.path.join(args.out, f"best_{name.replace(' ', '')}.pt"), {
+                'head': head.state_dict(), 'mean': mean, 'std': std, 'class_names': task.classes, 'args': vars(args)})
+            print(f"{name}: valid {val:.4f}, test {test_score:.4f}")
         results.append(test_score)
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning (ref: M2D util/ft-*.sh with EVAR's finetune.py; AudioMAE's fine-tuning)
-
-class BatchNormAcrossRanks(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the whole batch of all DDP processes, so data-parallel
-    fine-tuning equals one process on the global batch (ours: nn.SyncBatchNorm needs a GPU). The batch is gathered
-    with autograd; every process updates the same running statistics."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        rank, B = dist.get_rank(), len(x)
-        return super().forward(torch.cat(dist_nn.all_gather(x)))[rank * B:(rank + 1) * B]
-
 
 class Classifier(nn.Module):
     """Encoder + BatchNorm1d(affine=False) + Linear on the mean of the patch tokens (ref: EVAR TaskHead)."""
@@ -205,48 +213,6 @@ class Classifier(nn.Module):
         return self.head(encode_clip(self.encoder, spec).flatten(1, 2).mean(1))
 
 
-def spec_augment(spec, max_f, max_t):
-    """SpecAugment: one frequency band of width U[0, max_f) and one time band of width U[0, max_t) per sample
-    set to 0 (the normalized mean), batched."""
-    B, _, Fd, T = spec.shape
-    keep = torch.ones(B, 1, Fd, T, dtype=torch.bool, device=spec.device)
-    for size, max_w, axis in ((Fd, max_f, 2), (T, max_t, 3)):
-        w = (torch.rand(B, device=spec.device) * min(max_w, size)).long()
-        start = (torch.rand(B, device=spec.device) * (size - w + 1)).long()
-        pos = torch.arange(size, device=spec.device)
-        band = (pos >= start[:, None]) & (pos < (start + w)[:, None])  # (B, size)
-        keep &= ~band.view(B, 1, size, 1) if axis == 2 else ~band.view(B, 1, 1, size)
-    return spec * keep
-
-
-def random_resize_crop(spec, canvas=(1.0, 1.5), scale=(0.6, 1.5)):
-    """Random resize crop (ref: EVAR RandomResizeCrop), batched: the input sits centered on a zero canvas
-    (1x its height, 1.5x its width); a random box of 0.6-1.5x the input's size (within the canvas) is
-    resized back to the input's size with bicubic interpolation."""
-    B, _, H, W = spec.shape
-    dev = spec.device
-    ch, cw = int(H * canvas[0]), int(W * canvas[1])
-    h = (torch.empty(B, device=dev).uniform_(*scale) * H).long().clamp(1, ch)
-    w = (torch.empty(B, device=dev).uniform_(*scale) * W).long().clamp(1, cw)
-    i = (torch.rand(B, device=dev) * (ch - h + 1)).long() - (ch - H) // 2  # box origin in input coordinates
-    j = (torch.rand(B, device=dev) * (cw - w + 1)).long() - (cw - W) // 2
-    u = torch.linspace(0, 1, H, device=dev)
-    v = torch.linspace(0, 1, W, device=dev)
-    ys = i[:, None] + u[None] * (h - 1)[:, None]  # (B, H) source rows
-    xs = j[:, None] + v[None] * (w - 1)[:, None]  # (B, W) source columns
-    grid = torch.stack([(2 * xs / max(W - 1, 1) - 1)[:, None, :].expand(B, H, W),
-                        (2 * ys / max(H - 1, 1) - 1)[:, :, None].expand(B, H, W)], -1)  # (B, H, W, 2) as (x, y)
-    return F.grid_sample(spec, grid, mode='bicubic', padding_mode='zeros', align_corners=True)
-
-
-def mixup(spec, y, alpha):
-    """Per-sample mixup with lambda ~ Beta(alpha, alpha) on inputs and targets."""
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(spec),)).to(spec.device)
-    perm = torch.randperm(len(spec), device=spec.device)
-    return (lam.view(-1, 1, 1, 1) * spec + (1 - lam.view(-1, 1, 1, 1)) * spec[perm],
-            lam[:, None] * y + (1 - lam[:, None]) * y[perm])
-
-
 def layer_groups(model, lr, weight_decay, layer_decay):
     """Param groups with lr x decay^(depth + 1 - layer): patch embedding 0, block i -> i + 1, norm and head
     depth + 1 (ref: BEiT/MAE layer-wise decay); weight decay on >= 2-D weights only."""
@@ -264,17 +230,18 @@ def layer_groups(model, lr, weight_decay, layer_decay):
     return list(groups.values())
 
 
-def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, args, device, name, source, world):
+def finetune_fold(encoder, frontend, split, task, args, device, world, progress):
     """Fine-tune on train, keep the epoch with the best validation score, score it on test. Under torchrun each
-    process trains on its share of every batch (DDP); all evaluate, the first saves."""
-    torch.manual_seed(args.seed)
-    raw = Classifier(encoder, len(classes)).to(device)
-    raw.encoder.patch_embed.requires_grad_(not args.freeze_embed)
+    process trains on its share of every batch (DDP); all evaluate, the first saves. After every epoch and on
+    SIGINT/SIGTERM <out>/checkpoint.pt holds where the run is (`progress`: the folds done and the stop signal; its
+    'resumed' is that checkpoint when --resume continues this fold)."""
+    name, train, valid, test = split
     ddp, rank, size = world
+    torch.manual_seed(args.seed)
+    raw = Classifier(encoder, len(task.classes)).to(device)
+    raw.encoder.patch_embed.requires_grad_(not args.freeze_embed)
     model = DDP(raw, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else raw
     torch.manual_seed(args.seed + 1000 * rank)  # the same init everywhere, then each process its own augmentations
-    y_train, y_valid, y_test = (data.class_targets(rows, source, classes)[1] for rows in (train, valid, test))
-    y_train = y_train.to(device)
     groups = layer_groups(raw, args.lr, args.weight_decay, args.layer_decay)
     opt = (torch.optim.SGD(groups, lr=args.lr, momentum=0.9) if args.optim == 'sgd' else
            torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999)))
@@ -284,60 +251,104 @@ def finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, 
         raise SystemExit(f"error: {len(train)} training clips cannot fill one batch of {args.batch_size} x {size} "
                          "process(es); lower --batch_size")
     scheduler = warmup_cosine(opt, args.epochs * steps_per_epoch, args.warmup * steps_per_epoch)
-    t_ratio, f_ratio = args.patchout or PATCHOUT[frontend.name]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16')
+    at = {'fold': name, 'epoch': 0, 'batch_idx': 0, 'best': -1.0, 'bad': set()}  # where this fold is
+    if (resumed := progress['resumed']) is not None:
+        raw.load_state_dict(resumed['model'])
+        opt.load_state_dict(resumed['optimizer'])
+        scheduler.load_state_dict(resumed['scheduler'])
+        set_rng_state(resumed['rng'], rank, size, device, print if rank == 0 else lambda *a: None)
+        at.update({k: resumed[k] for k in at}, bad=set(resumed['bad']))
+
+    def save_progress():
+        save_finetune_state(args.out, device, world, {
+            **at, 'done': progress['done'], 'model': raw.state_dict(), 'optimizer': opt.state_dict(),
+            'scheduler': scheduler.state_dict(), 'args': vars(args)})
+
+    y_train, y_valid, y_test = (data.class_targets(rows, task.source, task.classes)[1] for rows in (train, valid, test))
+    y_train = y_train.to(device)
     path = os.path.join(args.out, f"best_{name.replace(' ', '')}.pt")
-    best, bad = -1.0, set()
-    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f'finetune {name}', dynamic_ncols=True, disable=rank > 0)
-    for epoch in range(args.epochs):
-        model.train()
-        for batch in data.epoch_loader(dataset, args.batch_size, epoch, 0, rank, size, args.seed, args.num_workers):
-            bad.update(batch['bad'])
-            data.check_bad(bad, len(train), args.max_bad)
-            if not len(batch['wave']):
-                continue
-            with torch.no_grad():
-                spec = frontend(batch['wave'].to(device))  # (B, 1, F, T)
-                y = y_train[batch['index'].to(device)]
-                spec = spec_augment(spec, args.freq_mask, args.time_mask)
-                if args.rrc:
-                    spec = random_resize_crop(spec)
-                if args.mixup > 0:
-                    spec, y = mixup(spec, y, args.mixup)
-            ids_keep = structured_masking(len(spec), encoder.cfg.grid, t_ratio, f_ratio, device)[0]
-            with autocast:
-                logits = model(spec, ids_keep).float()
-            loss = classification_loss(logits, y, multi)  # soft targets after mixup
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: non-finite fine-tuning loss at epoch {epoch}, step {bar.n}; stopped" + (
-                    f", the best model so far ({path}, valid {best:.4f}) is intact" if best >= 0 else ''))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            scheduler.step()
-            bar.update()
-            bar.set_postfix(loss=f'{loss.item():.4f}')
+    bar = tqdm(total=args.epochs * steps_per_epoch, initial=at['epoch'] * steps_per_epoch + at['batch_idx'],
+               desc=f'finetune {name}', dynamic_ncols=True, disable=rank > 0)
+    while at['epoch'] < args.epochs:
+        loss = train_epoch(model, dataset, frontend, y_train, opt, scheduler, task.multi, args, device, world, at,
+                           progress['got'], bar)
+        loss = mean_over_ranks({'loss': loss}, device, ddp, size)['loss']  # the last step's, over all processes
+        if (stop := any_rank_signal(progress['got'], ddp)):
+            save_progress()
+            if rank == 0:
+                print(f"stopped by {signal.Signals(stop).name} in {name}, epoch {at['epoch']}; {args.out}/checkpoint.pt "
+                      "is saved: continue with the same command and --resume", file=sys.stderr)
+            raise SystemExit(128 + stop)
         model.eval()
-        scores, good = clip_outputs(raw.clip_logits, valid, encoder, frontend, args, device, 'valid')
-        val = score(scores, y_valid[good])  # the same on every process: they hold the same weights
-        if val > best:
-            best = val
+        scores, good = clip_outputs(raw.clip_logits, valid, encoder, frontend, args, device, 'valid', world)
+        val = task.score(scores, y_valid[good])  # the same on every process: they hold the same weights
+        if val > at['best']:
+            at['best'] = val
             if rank == 0:
                 save_checkpoint(path, {'model': raw.state_dict(), 'model_config': asdict(encoder.cfg),
-                                       'frontend': frontend.config(), 'class_names': classes, 'epoch': epoch,
+                                       'frontend': frontend.config(), 'class_names': task.classes, 'epoch': at['epoch'],
                                        'valid': val, 'args': {**vars(args), 'method': 'finetune'}})
         if rank == 0:
-            tqdm.write(f"{name} epoch {epoch}: loss {loss.item():.4f}, valid {val:.4f} (best {best:.4f})")
+            tqdm.write(f"{name} epoch {at['epoch']}: loss {loss:.4f}, valid {val:.4f} (best {at['best']:.4f})")
+        at.update(epoch=at['epoch'] + 1, batch_idx=0)
+        save_progress()
     bar.close()
     if ddp:
         dist.barrier()  # the best checkpoint is written
     raw.load_state_dict(torch.load(path, weights_only=True)['model'])
     raw.eval()
-    scores, good = clip_outputs(raw.clip_logits, test, encoder, frontend, args, device, 'test')
-    test_score = score(scores, y_test[good])
+    scores, good = clip_outputs(raw.clip_logits, test, encoder, frontend, args, device, 'test', world)
+    test_score = task.score(scores, y_test[good])
     if rank == 0:
-        print(f"{name}: valid {best:.4f}, test {test_score:.4f}")
+        print(f"{name}: valid {at['best']:.4f}, test {test_score:.4f}")
     return test_score
+
+
+def train_epoch(model, dataset, frontend, y_train, opt, scheduler, multi, args, device, world, at, got, bar):
+    """One epoch from batch at['batch_idx'] (a resumed epoch skips the batches done), stopping after the step in which
+    any process got SIGINT/SIGTERM. Returns the last step's loss."""
+    ddp, rank, size = world
+    model.train()
+    loss = torch.tensor(math.nan)
+    for batch in data.epoch_loader(dataset, args.batch_size, at['epoch'], at['batch_idx'], rank, size, args.seed,
+                                   args.num_workers):
+        at['batch_idx'] += 1
+        at['bad'].update(batch['bad'])
+        data.check_bad(at['bad'], len(dataset), args.max_bad)
+        if len(batch['wave']):  # else every clip of the batch was unreadable
+            loss = finetune_step(model, batch, frontend, y_train, opt, scheduler, multi, args, device, at)
+            bar.update()
+            bar.set_postfix(loss=f'{loss.item():.4f}')
+        if any_rank_signal(got, ddp):
+            break
+    return loss.item()
+
+
+def finetune_step(model, batch, frontend, y_train, opt, scheduler, multi, args, device, at):
+    """Augment (SpecAugment, random resize crop, mixup; patch-out), forward, backward, step. Returns the loss."""
+    encoder = getattr(model, 'module', model).encoder
+    t_ratio, f_ratio = args.patchout or PATCHOUT[frontend.name]
+    with torch.no_grad():
+        spec = frontend(batch['wave'].to(device))  # (B, 1, F, T)
+        y = y_train[batch['index'].to(device)]
+        spec = spec_augment(spec, args.freq_mask, args.time_mask)
+        if args.rrc:
+            spec = random_resize_crop(spec)
+        if args.mixup > 0:
+            spec, y = mixup(spec, y, args.mixup)
+    ids_keep = structured_masking(len(spec), encoder.cfg.grid, t_ratio, f_ratio, device)[0]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+        logits = model(spec, ids_keep).float()
+    loss = classification_loss(logits, y, multi)  # soft targets after mixup
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: non-finite fine-tuning loss in {at['fold']}, epoch {at['epoch']}, batch "
+                         f"{at['batch_idx']}; stopped" + (f", the best model so far (valid {at['best']:.4f}) is intact"
+                                                          if at['best'] >= 0 else ''))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    scheduler.step()
+    return loss
 
 
 def load(args, device):
@@ -356,8 +367,6 @@ def main(argv=None):
     keep_freed_memory()
     ddp, rank, size, device = init_distributed(args.device)  # torchrun: data-parallel fine-tuning
     try:
-        if ddp and args.mode == 'linear':
-            raise SystemExit("error: linear evaluation runs in one process (it is fast); torchrun is for --mode finetune")
         return evaluate(args, device, (ddp, rank, size))
     finally:
         if ddp:
@@ -371,23 +380,33 @@ def evaluate(args, device, world):
     splits = folds(rows, manifest, args.seed)
     classes = sorted({name for _, tr, va, _ in splits for r in tr + va for name in r['labels']})
     multi = any(len(r['labels']) > 1 for r in rows)
-    score, metric = (mean_average_precision, 'mAP') if multi else (accuracy, 'accuracy')
+    task = SimpleNamespace(classes=classes, multi=multi, source=manifest, score=mean_average_precision if multi else
+                           accuracy, metric='mAP' if multi else 'accuracy')
+    say = print if world[1] == 0 else lambda *a, **k: None
+    resumed = read_finetune_state(args, world[2], say)
+    progress = {'resumed': resumed, 'done': dict(resumed['done']) if resumed else {}}  # {fold: test score}
     os.makedirs(args.out, exist_ok=True)
     enc = load(args, device)
     encoder, frontend = enc.encoder, enc.frontend
-    say = print if world[1] == 0 else lambda *a: None
     say(f"{args.mode} | {args.ckpt} | {encoder.cfg.width}-d x {encoder.cfg.depth} blocks, {frontend.name} "
-        f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {metric}, {len(splits)} fold(s), "
+        f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {task.metric}, {len(splits)} fold(s), "
         f"{len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device} x {world[2]}")
     if args.mode == 'linear':
-        results = run_linear(enc, splits, classes, multi, score, args, device, manifest)
+        results = run_linear(enc, splits, task, args, device, world)
     else:
-        results = []
-        for name, train, valid, test in splits:
-            encoder = load(args, device).encoder if results else encoder  # each fold from the checkpoint
-            results.append(finetune_fold(encoder, frontend, train, valid, test, classes, multi, score, args, device, name,
-                                         manifest, world))
-    record = {'mode': args.mode, 'ckpt': args.ckpt, 'metric': metric, 'test': statistics.mean(results),
+        with stop_on_signals() as got:
+            for split in [s for s in splits if s[0] not in progress['done']]:
+                if resumed and resumed['fold'] != split[0]:
+                    raise SystemExit(f"error: the checkpoint is in {resumed['fold']!r}, not {split[0]!r}; resume with "
+                                     "the same manifest")
+                encoder = load(args, device).encoder if encoder is None else encoder  # each fold from --ckpt
+                progress['done'][split[0]] = finetune_fold(encoder, frontend, split, task, args, device, world,
+                                                           {**progress, 'got': got})
+                encoder = resumed = progress['resumed'] = None
+        results = [progress['done'][split[0]] for split in splits]
+        if world[1] == 0:
+            os.remove(os.path.join(args.out, 'checkpoint.pt'))  # the run is finished: nothing to resume
+    record = {'mode': args.mode, 'ckpt': args.ckpt, 'metric': task.metric, 'test': statistics.mean(results),
               'std': statistics.pstdev(results), 'folds': results}
     say(json.dumps(record))
     return record

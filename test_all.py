@@ -1390,27 +1390,109 @@ def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
     assert best['model']['head.1.weight'].shape == (12, 192) and best['model_config']['n_frames'] == demo.DEMO_FRAMES
 
 
+SIGNAL_ON_RANK_1 = '''
+import os, sys, finetune
+real, calls = finetune.any_rank_signal, []
+def signal_on_rank_1(got, ddp):  # as if rank 1 got SIGTERM during its first step
+    calls.append(1)
+    if os.environ['RANK'] == '1' and len(calls) == 1:
+        got.append(15)
+    return real(got, ddp)
+finetune.any_rank_signal = signal_on_rank_1
+finetune.main(sys.argv[1:])
+'''
+
+
 def test_finetune_under_torchrun_equals_one_process_on_the_global_batch(tmp_path, capsys):
     """2 gloo processes x batch 4 against 1 process x batch 8 (augmentations off; the head's BatchNorm sees the global
-    batch): the same first-epoch model, within float tolerance."""
+    batch), the 2-process run stopped by a signal on one rank after its first step and resumed: the same model,
+    within float tolerance."""
     manifest = tone_manifest(tmp_path)  # 11 training clips after the validation carve: one step of 8 either way
-    flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '1', '--warmup', '0', '--data',
+    flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '2', '--warmup', '0', '--data',
              manifest, '--num_workers', '0', '--amp', 'none', '--mixup', '0', '--no-rrc', '--freq_mask', '0',
              '--time_mask', '0', '--patchout', '0', '0']
     one = finetune.main([*flags, '--batch_size', '8', '--out', str(tmp_path / 'one')])
-    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          'finetune.py', *flags, '--batch_size', '4', '--out', str(tmp_path / 'two')],
+    last_loss = lambda out: float(re.search(r'split epoch 1: loss ([0-9.]+),', out)[1])  # of the step after the stop
+    one_loss = last_loss(capsys.readouterr().out)
+    two = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    out = subprocess.run([*two, '--no-python', sys.executable, '-c', SIGNAL_ON_RANK_1, *flags, '--batch_size', '4',
+                          '--out', str(tmp_path / 'two')], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and 'stopped by SIGTERM in split, epoch 0' in out.stderr, out.stderr[-3000:]
+    state = torch.load(tmp_path / 'two' / 'checkpoint.pt', weights_only=True)
+    assert (state['world'], state['epoch'], state['batch_idx'], len(state['rng'])) == (2, 0, 1, 2)
+    out = subprocess.run([*two, 'finetune.py', *flags, '--batch_size', '4', '--out', str(tmp_path / 'two'), '--resume'],
                          cwd=HERE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     two = json.loads(out.stdout.strip().splitlines()[-1])
-    a, b = (torch.load(tmp_path / d / 'best_split.pt', weights_only=True)['model'] for d in ('one', 'two'))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=2e-5) for k in a)
+    a, b = (torch.load(tmp_path / d / 'best_split.pt', weights_only=True) for d in ('one', 'two'))
+    assert a['epoch'] == b['epoch'] and a['model'].keys() == b['model'].keys()
+    a, b = a['model'], b['model']
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=2e-5) for k in a)
     assert a['head.0.running_mean'].abs().sum() > 0  # the head's BatchNorm saw the batch (all 8 clips, both ways)
     assert two['test'] == pytest.approx(one['test']) and 'cpu x 2' in out.stdout
+    assert abs(last_loss(out.stdout) - one_loss) <= 1.5e-4  # both printed to 4 decimals
+    # Linear evaluation: each process extracts the features of every other clip; the heads equal one process's
+    flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--data', manifest, '--num_workers', '0', '--amp', 'none',
+             '--epochs', '5', '--batch_size', '4']
+    one = finetune.main([*flags, '--out', str(tmp_path / 'lin1')])
     out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          'finetune.py', '--ckpt', 'none', '--model', 'vit_tiny', '--data', manifest], cwd=HERE,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and 'linear evaluation runs in one process' in out.stderr
+                          'finetune.py', *flags, '--out', str(tmp_path / 'lin2')], cwd=HERE, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / 'best_split.pt', weights_only=True) for d in ('lin1', 'lin2'))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in ('mean', 'std')) and a['mean'].shape == (192 * 5,)
+    assert torch.allclose(a['head']['weight'], b['head']['weight'], atol=1e-4)
+    assert json.loads(out.stdout.strip().splitlines()[-1])['test'] == pytest.approx(one['test'])
+
+
+def test_finetune_resume_after_a_signal_and_a_crash_equals_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    """3-fold fine-tuning stopped by SIGTERM in the middle of fold 2's first epoch, resumed, killed right after the
+    epoch-end checkpoint, resumed again: the same best models and test scores as a run never stopped."""
+    kfold = tone_manifest(tmp_path, 6, 0.5, 'file,label,fold', lambda c, i: [1 + i % 3])  # 11 train clips per fold
+    flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--data', kfold, '--epochs', '2',
+             '--warmup', '1', '--num_workers', '0', '--batch_size', '4']  # 2 steps per epoch
+    straight = finetune.main([*flags, '--out', str(tmp_path / 'straight')])
+    assert sorted(os.listdir(tmp_path / 'straight')) == ['best_fold1.pt', 'best_fold2.pt', 'best_fold3.pt']
+    epochs = lambda out: re.findall(r'fold \d epoch \d: loss \S+', out)  # each epoch's last loss
+    lines = [epochs(capsys.readouterr().out)]
+    out, ckpt = tmp_path / 'stopped', tmp_path / 'stopped' / 'checkpoint.pt'
+    calls = []  # any_rank_signal: once per step, once after each epoch; call 7 is fold 2's first step
+    monkeypatch.setattr(finetune, 'any_rank_signal', lambda got, ddp: calls.append(1) or (15 if len(calls) >= 7 else 0))
+    with pytest.raises(SystemExit) as stop:
+        finetune.main([*flags, '--out', str(out)])
+    monkeypatch.undo()
+    assert stop.value.code == 128 + signal.SIGTERM
+    printed = capsys.readouterr()
+    assert 'continue with the same command and --resume' in printed.err
+    lines.append(epochs(printed.out))
+    state = torch.load(ckpt, weights_only=True)
+    assert (state['fold'], state['epoch'], state['batch_idx'], list(state['done'])) == ('fold 2', 0, 1, ['fold 1'])
+    with pytest.raises(SystemExit, match='unfinished fine-tuning run; continue it with --resume'):
+        finetune.main([*flags, '--out', str(out)])
+    with pytest.raises(SystemExit, match='written with another --epochs'):
+        finetune.main([*flags, '--out', str(out), '--resume', '--epochs', '3'])
+    real_save = run_tools.save_checkpoint
+    monkeypatch.setattr(run_tools, 'save_checkpoint', lambda path, state: (real_save(path, state), 1 / 0))
+    with pytest.raises(ZeroDivisionError):  # killed right after the checkpoint at the end of fold 2's epoch 0
+        finetune.main([*flags, '--out', str(out), '--resume'])
+    monkeypatch.undo()
+    assert torch.load(ckpt, weights_only=True)['epoch'] == 1
+    lines.append(epochs(capsys.readouterr().out))
+    resumed = finetune.main([*flags, '--out', str(out), '--resume'])
+    printed = capsys.readouterr().out
+    assert 'resumed from' in printed and resumed['folds'] == straight['folds']
+    assert len(lines[0]) == 6 and lines[1] + lines[2] + epochs(printed) == lines[0]
+    assert sorted(os.listdir(out)) == ['best_fold1.pt', 'best_fold2.pt', 'best_fold3.pt']  # nothing left to resume
+    for k in (1, 2, 3):
+        a, b = (torch.load(d / f'best_fold{k}.pt', weights_only=True)['model'] for d in (tmp_path / 'straight', out))
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    for bad, msg in ((['--mode', 'linear', '--resume'], '--resume does nothing here; it is for --mode finetune'),
+                     (['--mode', 'linear', '--mixup', '0'], '--mixup does nothing here; it is for --mode finetune'),
+                     (['--mode', 'finetune', '--patience', '3'], '--patience does nothing here; it is for --mode linear'),
+                     (['--ckpt', str(ckpt), '--model', 'vit_tiny'], '--model does nothing here; it is for --ckpt none')):
+        with pytest.raises(SystemExit) as usage:
+            finetune.get_args(['--ckpt', 'none', *bad])
+        assert usage.value.code == 2 and msg in capsys.readouterr().err
 
 
 def test_kfold_multilabel_and_chunked_clips(tmp_path, capsys):

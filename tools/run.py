@@ -1,6 +1,7 @@
 """Run plumbing shared by the entry points: the command-line flags they have in common, the device and DDP
-set-up, the lr schedule, atomic checkpoints, log trimming, stop signals, and `Run`: train.py's output folder,
-logging window and the cross-rank checks at every log and checkpoint step.
+set-up, the lr schedule, atomic checkpoints, log trimming, stop signals, BatchNorm across DDP processes, finetune.py's
+resumable state, and `Run`: train.py's output folder, logging window and the cross-rank checks at every log and
+checkpoint step.
 None of it is in the papers; it is what keeps a long run safe (docs/reliability.md says what each guarantees)."""
 import argparse
 import ctypes
@@ -13,10 +14,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 import data
+from tools.checkpoints import load_file
 
 
 def shared_flags(p, amp=('bf16', 'none'), seed=True):
@@ -182,6 +186,18 @@ def pool_bad_files(bad, fresh, ddp, world):
     fresh.clear()
 
 
+def share_outputs(out, good, rows, max_bad, world):
+    """Every process's outputs for its rows[rank::world] (their local indices `good`) -> all outputs in row order and
+    their indices, on every process; unreadable clips are counted over all of `rows`."""
+    _, rank, size = world
+    parts = [None] * size
+    dist.all_gather_object(parts, [(rank + size * i, x) for i, x in zip(good, out)])
+    pairs = sorted((pair for part in parts for pair in part), key=lambda pair: pair[0])
+    good = [i for i, _ in pairs]
+    data.check_bad([rows[i]['file'] for i in set(range(len(rows))) - set(good)], len(rows), max_bad)
+    return torch.stack([x for _, x in pairs]), good
+
+
 def mean_over_ranks(sums, device, ddp, world):
     """{name: tensor or float} summed on each rank -> {name: float} averaged over ranks: the one host-device sync (and
     collective) per log interval or checkpoint, not per step."""
@@ -192,6 +208,59 @@ def mean_over_ranks(sums, device, ddp, world):
         dist.all_reduce(vals)
         vals /= world
     return dict(zip(sums, vals.tolist()))
+
+
+class BatchNormAcrossRanks(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the whole batch of all DDP processes, so data-parallel
+    fine-tuning equals one process on the global batch (ours: nn.SyncBatchNorm needs a GPU). The batch is gathered
+    with autograd; every process updates the same running statistics."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        rank, B = dist.get_rank(), len(x)
+        return super().forward(torch.cat(dist_nn.all_gather(x)))[rank * B:(rank + 1) * B]
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune.py's checkpoint: where an unfinished fine-tuning run is
+
+RESUME_MUST_MATCH = ('ckpt', 'data', 'model', 'frontend', 'n_frames', 'epochs', 'batch_size', 'lr', 'optim', 'warmup',
+                     'seed')
+
+
+def save_finetune_state(out, device, world, state):
+    """<out>/checkpoint.pt, atomically: `state` (fold, epoch, batch, best score, model, optimizer, scheduler, ...) with
+    every process's RNG and the files no process could read."""
+    ddp, rank, size = world
+    rng = all_rng_states(device, ddp, size)
+    bad = [state['bad']]
+    if ddp:
+        bad = [None] * size
+        dist.all_gather_object(bad, state['bad'])
+    if rank == 0:
+        save_checkpoint(os.path.join(out, 'checkpoint.pt'),
+                        {**state, 'bad': sorted(set().union(*bad)), 'rng': rng, 'world': size})
+
+
+def read_finetune_state(args, world, say):
+    """--resume: the unfinished fine-tuning run in <out>/checkpoint.pt, or None. Without --resume such a file is an
+    error, as in train.py (a finished run deletes it: its results are the best_*.pt files)."""
+    path = os.path.join(args.out, 'checkpoint.pt')
+    if args.mode == 'linear' or not os.path.exists(path):
+        if args.resume:
+            say(f"--resume: no checkpoint at {path}; starting from scratch")
+        return None
+    if not args.resume:
+        raise SystemExit(f"error: {path} is an unfinished fine-tuning run; continue it with --resume, or pass another "
+                         "--out (or delete the folder) to start a new one")
+    state = load_file(path, args.trust_checkpoint)
+    differ = [f'--{k}' for k in RESUME_MUST_MATCH if state['args'].get(k) != vars(args).get(k)]
+    differ += ['the number of processes'] if state['world'] != world else []
+    if differ:
+        raise SystemExit(f"error: {path} was written with another {', '.join(differ)}; resume with the same settings")
+    say(f"resumed from {path}: {state['fold']}, epoch {state['epoch']}, batch {state['batch_idx']}")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
