@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 import data
 from losses import accuracy, classification_loss, mean_average_precision
-from model import VIT_PRESETS, ViT, ViTConfig, encode_clip, structured_masking
+from model import VIT_PRESETS, ViT, ViTConfig, structured_masking
 from tools.augment import mixup, random_resize_crop, spec_augment
 from tools.demo import DEMO_FRAMES
-from tools.embed import Encoder, load_encoder
+from tools.embed import Encoder, encode_clip, load_encoder
 from tools.run import (BatchNormAcrossRanks, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
                        mean_over_ranks, read_finetune_state, save_checkpoint, save_finetune_state, set_rng_state, share_outputs, shared_flags,
                        stop_on_signals, warmup_cosine)

@@ -12,7 +12,7 @@ mask (B, N), 1 = masked (hidden from the encoder).
 import math
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import torchaudio
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data
 import losses
 from tools.checkpoints import load_file, load_state, part
 from tools.htsat import create_htsat_tiny
@@ -118,14 +117,6 @@ def shifted_window_mask(grid, window, shift):
     region = (t >= Tp - wt).long() + (t >= Tp - shift).long()
     region = region.expand(Fp, Tp).reshape(Fp // wf, wf, Tp // wt, wt).permute(0, 2, 1, 3).reshape(-1, wf * wt)
     return (region[:, :, None] != region[:, None, :]).float() * -100.0  # (nW, A, A)
-
-
-def resize_pos_embed(pos, grid, new_grid):
-    """(1, 1+N, D) position table on `grid` -> (1, 1+N', D) on `new_grid`: bicubic interpolation of the patch
-    part over (Fp, Tp), CLS kept (ref: MAE/M2D fine-tuning with inputs of another length)."""
-    x = pos[:, 1:].unflatten(1, tuple(grid)).permute(0, 3, 1, 2)  # (1, D, Fp, Tp)
-    x = F.interpolate(x.float(), size=tuple(new_grid), mode='bicubic', align_corners=False)
-    return torch.cat([pos[:, :1], x.flatten(2).transpose(1, 2)], 1)  # (1, 1+N', D)
 
 
 def init_weights(m):
@@ -296,37 +287,6 @@ class ViT(nn.Module):
     def forward(self, spec, ids_keep=None):
         """spec (B, 1, F, T), ids_keep (B, K) or None for all tokens -> (B, 1+K, D) with CLS first."""
         return self.encode(self.embed(spec), ids_keep)
-
-
-def build_encoder(ckpt, source, n_frames=None):
-    """ViT and FrontEnd of a read_checkpoint() dict; with n_frames, the position table is resized to that input."""
-    cfg = ViTConfig(**ckpt['model_config'])
-    enc = part(ckpt['model'], 'encoder.')
-    if n_frames and n_frames != cfg.n_frames:
-        new = replace(cfg, n_frames=n_frames)
-        enc['pos_embed'] = resize_pos_embed(enc['pos_embed'], cfg.grid, new.grid)
-        cfg = new
-    encoder = ViT(cfg)
-    load_state(encoder, enc, source)
-    fe = ckpt['frontend']
-    return encoder, data.FrontEnd(fe['name'], cfg.n_frames, fe['mean'], fe['std'])
-
-
-def encode_clip(encoder, spec, chunk=None, group=64):
-    """(B, 1, F, T) of any length -> patch tokens (B, Fp, t, D) of consecutive chunks of `chunk` frames (default: the
-    model's input length), concatenated in time; at most `group` chunks pass the encoder at once, so memory stays bounded
-    on long audio. The last chunk is zero-padded to a whole patch (ref: M2D runtime)."""
-    (B, _, Fd, T), n, p = spec.shape, chunk or encoder.cfg.n_frames, encoder.cfg.patch
-    full, rest = divmod(T, n)
-    parts = []
-    if full:  # all full chunks, `group` at a time
-        x = spec[..., :full * n].reshape(B, 1, Fd, full, n).permute(0, 3, 1, 2, 4).reshape(B * full, 1, Fd, n)
-        z = torch.cat([encoder(c)[:, 1:] for c in x.split(group)]).unflatten(1, (encoder.cfg.grid[0], -1))
-        parts.append(z.unflatten(0, (B, full)).permute(0, 2, 1, 3, 4).flatten(2, 3))  # (B, Fp, full*t, D)
-    if rest:
-        x = F.pad(spec[..., full * n:], (0, min(-rest % p, n - rest)))  # at most n frames (e.g. 999 of 1001)
-        parts.append(encoder(x)[:, 1:].unflatten(1, (encoder.cfg.grid[0], -1)))  # (B, Fp, t, D)
-    return torch.cat(parts, 2)
 
 
 class Decoder(nn.Module):

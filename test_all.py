@@ -1140,9 +1140,9 @@ def tone_manifest(tmp_path, n_per_class=6, seconds=1.0, header='file,label,split
 
 def test_pos_embed_resize_keeps_values_at_the_same_grid():
     pos = torch.randn(1, 1 + 5 * 12, 16)
-    assert torch.allclose(M.resize_pos_embed(pos, (5, 12), (5, 12)), pos, atol=1e-6)
+    assert torch.allclose(embed.resize_pos_embed(pos, (5, 12), (5, 12)), pos, atol=1e-6)
     const_t = torch.cat([torch.randn(1, 1, 16), torch.randn(1, 5, 1, 16).expand(1, 5, 12, 16).flatten(1, 2)], 1)
-    out = M.resize_pos_embed(const_t, (5, 12), (5, 30))  # constant along time stays constant, CLS kept
+    out = embed.resize_pos_embed(const_t, (5, 12), (5, 30))  # constant along time stays constant, CLS kept
     assert out.shape == (1, 1 + 5 * 30, 16) and torch.equal(out[:, 0], const_t[:, 0])
     assert torch.allclose(out[:, 1:].view(5, 30, 16), const_t[:, 1:].view(5, 12, 16)[:, :1].expand(5, 30, 16), atol=1e-5)
 
@@ -1162,7 +1162,7 @@ def test_encode_clip_chunks_a_long_clip_and_pads_the_last_chunk():
     enc = M.ViT(M.ViTConfig(64, 1, 2, n_mels=32, n_frames=48)).eval()
     spec = torch.randn(2, 1, 32, 3 * 48 + 21)  # three full chunks and 21 frames -> padded to 32
     with torch.no_grad():
-        tokens = M.encode_clip(enc, spec)
+        tokens = embed.encode_clip(enc, spec)
         chunks = [enc(spec[..., i * 48:(i + 1) * 48]) for i in range(3)]
         chunks.append(enc(torch.nn.functional.pad(spec[..., 144:], (0, 11))))
     expect = torch.cat([c[:, 1:].view(2, 2, -1, 64) for c in chunks], 2)  # (B, Fp, t, D)
@@ -1170,13 +1170,13 @@ def test_encode_clip_chunks_a_long_clip_and_pads_the_last_chunk():
     enc = M.ViT(M.ViTConfig(64, 1, 2, n_mels=32, n_frames=50)).eval()  # 50 frames -> 3 columns, as 1001 -> 62
     spec = torch.randn(2, 1, 32, 50 + 49)  # a last chunk of 49 frames is padded to 50, not 64 (ref: M2D runtime)
     with torch.no_grad():
-        tokens = M.encode_clip(enc, spec)
+        tokens = embed.encode_clip(enc, spec)
         chunks = [enc(spec[..., :50]), enc(torch.nn.functional.pad(spec[..., 50:], (0, 1)))]
     expect = torch.cat([c[:, 1:].view(2, 2, 3, 64) for c in chunks], 2)
     assert tokens.shape == (2, 2, 6, 64) and torch.allclose(tokens, expect, atol=1e-5)
     with torch.no_grad():  # chunks through the encoder one at a time (bounded memory): the same tokens
-        assert torch.allclose(M.encode_clip(enc, spec, group=1), tokens, atol=1e-5)
-        whole = M.encode_clip(enc, spec, chunk=48)  # 48-frame chunks of the 50-frame model: 3 columns each
+        assert torch.allclose(embed.encode_clip(enc, spec, group=1), tokens, atol=1e-5)
+        whole = embed.encode_clip(enc, spec, chunk=48)  # 48-frame chunks of the 50-frame model: 3 columns each
     assert whole.shape == (2, 2, 7, 64) and torch.allclose(whole[:, :, :3], enc(spec[..., :48])[:, 1:].view(2, 2, 3, 64),
                                                            atol=1e-5)
 
@@ -1617,7 +1617,7 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
     assert "not used: ['target_blocks']" in capsys.readouterr().out
     assert ckpt['model_config']['n_frames'] == 40 and ckpt['frontend'] == dict(name='mel80', n_frames=40, mean=-7.5,
                                                                                  std=pytest.approx(3.9))
-    enc, fe = M.build_encoder(ckpt, path)
+    enc, fe = embed.build_encoder(ckpt, path)
     spec = torch.randn(2, 1, 80, 40)
     with torch.no_grad():
         ours, ref = enc(spec), timm_vit_forward(state, spec[..., :32], heads=3)  # the conv drops the last 8 frames
@@ -1633,7 +1633,7 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
     del state['blocks.1.mlp.fc1.weight']
     torch.save(state, folder / 'broken.pth')
     with pytest.raises(SystemExit, match=r"missing: \['blocks.1.mlp.fc1.weight'\]"):
-        M.build_encoder(checkpoints.read_checkpoint(str(folder / 'broken.pth')), 'broken.pth')
+        embed.build_encoder(checkpoints.read_checkpoint(str(folder / 'broken.pth')), 'broken.pth')
 
 
 def small_bert(hidden=128, layers=2):
@@ -1704,7 +1704,7 @@ def test_official_audiomae_release_loads_transposed_and_matches_the_reference(tm
     torch.save({'model': state, 'args': __import__('argparse').Namespace(model='vit_base')}, tmp_path / 'audiomae.pth')
     ckpt = checkpoints.read_checkpoint(str(tmp_path / 'audiomae.pth'))
     assert ckpt['frontend']['name'] == 'fbank128' and ckpt['model_config']['final_norm'] == (not finetuned)
-    enc, _ = M.build_encoder(ckpt, 'audiomae.pth')
+    enc, _ = embed.build_encoder(ckpt, 'audiomae.pth')
     spec = torch.randn(2, 1, 128, 64)  # ours: (freq, time)
     with torch.no_grad():
         ours = enc(spec)  # (B, 1+N, D), token f*4 + t
@@ -1756,8 +1756,13 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(
     assert [r['loss'] for r in killed] == [r['loss'] for r in straight]
 
 
-@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_save_a_checkpoint_and_exit_cleanly(tmp_path, capsys, sig):
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_cleanly(tmp_path, capsys, sig=signal.SIGTERM):
+    before = signal.getsignal(signal.SIGINT)
+    with run_tools.stop_on_signals() as got:  # Ctrl-C is caught as SIGTERM is (in a subprocess below), not raised
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat is ignored
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert got == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is before
     log = tmp_path / 'log.jsonl'
     proc = start_train(tmp_path, '--steps', '40', '--save_every', '1000', '--num_workers', '1')
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 2, proc)

@@ -10,15 +10,17 @@ finetune.py and zeroshot.py compute them:
 
 `wave`: (L,), (B, L) or (B, C, L) at any sample rate `sr`, a tensor or an array; channels are averaged, then the audio
 is resampled to 16 kHz (as data.load_audio does for files). Long audio is cut into chunks of the model's input length
-(model.encode_clip); results are float32 on the model's device, computed under bf16 autocast on a GPU.
+(encode_clip); results are float32 on the model's device, computed under bf16 autocast on a GPU.
 """
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
 import data
-from model import AudioToSemantic, ViT, build_encoder, encode_clip
+from model import AudioToSemantic, ViT, ViTConfig
 from tools.checkpoints import load_state, part, read_checkpoint
 from tools.sentence import UNCASED_BERTS, SentenceEncoder, bert_from_state
 
@@ -31,6 +33,45 @@ def load_encoder(path, device=None, n_frames=None, text_encoder=None, trust=Fals
     encoder, frontend = build_encoder(ckpt, path, n_frames)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     return Encoder(encoder, frontend, ckpt, path, text_encoder).to(device).eval()
+
+
+def build_encoder(ckpt, source, n_frames=None):
+    """ViT and FrontEnd of a read_checkpoint() dict; with n_frames, the position table is resized to that input."""
+    cfg = ViTConfig(**ckpt['model_config'])
+    enc = part(ckpt['model'], 'encoder.')
+    if n_frames and n_frames != cfg.n_frames:
+        new = replace(cfg, n_frames=n_frames)
+        enc['pos_embed'] = resize_pos_embed(enc['pos_embed'], cfg.grid, new.grid)
+        cfg = new
+    encoder = ViT(cfg)
+    load_state(encoder, enc, source)
+    fe = ckpt['frontend']
+    return encoder, data.FrontEnd(fe['name'], cfg.n_frames, fe['mean'], fe['std'])
+
+
+def encode_clip(encoder, spec, chunk=None, group=64):
+    """(B, 1, F, T) of any length -> patch tokens (B, Fp, t, D) of consecutive chunks of `chunk` frames (default: the
+    model's input length), concatenated in time; at most `group` chunks pass the encoder at once, so memory stays bounded
+    on long audio. The last chunk is zero-padded to a whole patch (ref: M2D runtime)."""
+    (B, _, Fd, T), n, p = spec.shape, chunk or encoder.cfg.n_frames, encoder.cfg.patch
+    full, rest = divmod(T, n)
+    parts = []
+    if full:  # all full chunks, `group` at a time
+        x = spec[..., :full * n].reshape(B, 1, Fd, full, n).permute(0, 3, 1, 2, 4).reshape(B * full, 1, Fd, n)
+        z = torch.cat([encoder(c)[:, 1:] for c in x.split(group)]).unflatten(1, (encoder.cfg.grid[0], -1))
+        parts.append(z.unflatten(0, (B, full)).permute(0, 2, 1, 3, 4).flatten(2, 3))  # (B, Fp, full*t, D)
+    if rest:
+        x = F.pad(spec[..., full * n:], (0, min(-rest % p, n - rest)))  # at most n frames (e.g. 999 of 1001)
+        parts.append(encoder(x)[:, 1:].unflatten(1, (encoder.cfg.grid[0], -1)))  # (B, Fp, t, D)
+    return torch.cat(parts, 2)
+
+
+def resize_pos_embed(pos, grid, new_grid):
+    """(1, 1+N, D) position table on `grid` -> (1, 1+N', D) on `new_grid`: bicubic interpolation of the patch
+    part over (Fp, Tp), CLS kept (ref: MAE/M2D fine-tuning with inputs of another length)."""
+    x = pos[:, 1:].unflatten(1, tuple(grid)).permute(0, 3, 1, 2)  # (1, D, Fp, Tp)
+    x = F.interpolate(x.float(), size=tuple(new_grid), mode='bicubic', align_corners=False)
+    return torch.cat([pos[:, :1], x.flatten(2).transpose(1, 2)], 1)  # (1, 1+N', D)
 
 
 class Encoder(nn.Module):
@@ -70,7 +111,7 @@ class Encoder(nn.Module):
     # Spectrogram level: what finetune.py and zeroshot.py call inside data.clip_outputs (which decodes the files)
 
     def tokens(self, spec, chunk=None):
-        """(B, 1, F, T) -> patch tokens (B, Fp, T', D) of consecutive chunks (model.encode_clip)."""
+        """(B, 1, F, T) -> patch tokens (B, Fp, T', D) of consecutive chunks (encode_clip)."""
         return encode_clip(self.encoder, spec, chunk)
 
     def check_clap(self):
