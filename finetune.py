@@ -35,8 +35,8 @@ from tools.augment import mixup, random_resize_crop, spec_augment
 from tools.demo import DEMO_FRAMES
 from tools.embed import Encoder, encode_clip, load_encoder
 from tools.run import (BatchNormAcrossRanks, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
-                       mean_over_ranks, read_finetune_state, save_checkpoint, save_finetune_state, set_rng_state, share_outputs, shared_flags,
-                       stop_on_signals, warmup_cosine)
+                       mean_over_ranks, read_finetune_state, save_checkpoint, save_finetune_state, set_rng_state,
+                       share_outputs, shared_flags, stop_on_signals, warmup_cosine)
 
 # Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
 # with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch (ref) -- we
@@ -276,8 +276,8 @@ def finetune_fold(encoder, frontend, split, task, args, device, world, progress)
         if (stop := any_rank_signal(progress['got'], ddp)):
             save_progress()
             if rank == 0:
-                print(f"stopped by {signal.Signals(stop).name} in {name}, epoch {at['epoch']}; {args.out}/checkpoint.pt "
-                      "is saved: continue with the same command and --resume", file=sys.stderr)
+                print(f"stopped by {signal.Signals(stop).name} in {name}, epoch {at['epoch']}; {args.out}/"
+                      "checkpoint.pt is saved: continue with the same command and --resume", file=sys.stderr)
             raise SystemExit(128 + stop)
         model.eval()
         scores, good = clip_outputs(raw.clip_logits, valid, encoder, frontend, args, device, 'valid', world)
