@@ -75,21 +75,14 @@ CAPTIONED = 'the methods with captions (m2d_clap, m2d2; m2d with --lambda_clap >
 # Flags that act for some methods only (flag: whom it is for, test on the parsed args). Given to any other method,
 # they are a usage error rather than silently ignored.
 ONLY_FOR = {
-    'target': (MAE_FAMILY, lambda a: a.arch == 'mae'),
-    'local_attn': (MAE_FAMILY, lambda a: a.arch == 'mae'),
-    'lambda_cls': (MAE_FAMILY, lambda a: a.arch == 'mae'),
+    **dict.fromkeys(['target', 'local_attn', 'lambda_cls'], (MAE_FAMILY, lambda a: a.arch == 'mae')),
     'tau': ('supmam, supmam_clap (--lambda_cls > 0)', lambda a: a.arch == 'mae' and a.lambda_cls > 0),
     'clap_ckpt': ('mam_clap, supmam_clap (--target clap)', lambda a: a.arch == 'mae' and a.target == 'clap'),
-    'dec_dim': ('every method but m2d2 --stage 2, which has no decoder', lambda a: a.arch != 'clap'),
-    'dec_depth': ('every method but m2d2 --stage 2, which has no decoder', lambda a: a.arch != 'clap'),
-    'ema_decay': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
-    'ema_decay_end': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
-    'lambda_m2d': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
-    'lambda_clap': (M2D_STAGE1, lambda a: a.arch == 'm2d'),
-    'text_encoder': (CAPTIONED, lambda a: a.lambda_clap > 0),
-    'text_pooling': (CAPTIONED, lambda a: a.lambda_clap > 0),
-    'sem_depth': ('m2d2 --stage 2', lambda a: a.arch == 'clap'),
-    'unfreeze': ('m2d2 --stage 2', lambda a: a.arch == 'clap'),
+    **dict.fromkeys(['dec_dim', 'dec_depth'], ('every method but m2d2 --stage 2, which has no decoder',
+                                               lambda a: a.arch != 'clap')),
+    **dict.fromkeys(['ema_decay', 'ema_decay_end', 'lambda_m2d', 'lambda_clap'], (M2D_STAGE1, lambda a: a.arch == 'm2d')),
+    **dict.fromkeys(['text_encoder', 'text_pooling'], (CAPTIONED, lambda a: a.lambda_clap > 0)),
+    **dict.fromkeys(['sem_depth', 'unfreeze'], ('m2d2 --stage 2', lambda a: a.arch == 'clap')),
 }
 
 
