@@ -1390,34 +1390,47 @@ def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
     assert best['model']['head.1.weight'].shape == (12, 192) and best['model_config']['n_frames'] == demo.DEMO_FRAMES
 
 
-SIGNAL_ON_RANK_1 = '''
+LINEAR_THEN_SIGNAL_ON_RANK_1 = '''
 import os, sys, finetune
+from tools.run import init_distributed
 real, calls = finetune.any_rank_signal, []
-def signal_on_rank_1(got, ddp):  # as if rank 1 got SIGTERM during its first step
+def signal_on_rank_1(got, ddp):  # as if rank 1 got SIGTERM during its first fine-tuning step
     calls.append(1)
     if os.environ['RANK'] == '1' and len(calls) == 1:
         got.append(15)
     return real(got, ddp)
 finetune.any_rank_signal = signal_on_rank_1
-finetune.main(sys.argv[1:])
+cut = sys.argv.index('---')
+ddp, rank, size, device = init_distributed(None)
+finetune.evaluate(finetune.get_args(sys.argv[1:cut]), device, (ddp, rank, size))  # linear evaluation
+finetune.evaluate(finetune.get_args(sys.argv[cut + 1:]), device, (ddp, rank, size))  # fine-tuning, stopped
 '''
 
 
-def test_finetune_under_torchrun_equals_one_process_on_the_global_batch(tmp_path, capsys):
-    """2 gloo processes x batch 4 against 1 process x batch 8 (augmentations off; the head's BatchNorm sees the global
-    batch), the 2-process run stopped by a signal on one rank after its first step and resumed: the same model,
-    within float tolerance."""
+def test_finetune_and_linear_under_torchrun_equal_one_process_on_the_global_batch(tmp_path, capsys):
+    """Fine-tuning, 2 gloo processes x batch 4 against 1 process x batch 8 (augmentations off; the head's BatchNorm sees
+    the global batch), the 2-process run stopped by a signal on one rank after its first step and resumed: the same
+    model, within float tolerance. Linear evaluation with the features shared out between 2 processes: the same head."""
     manifest = tone_manifest(tmp_path)  # 11 training clips after the validation carve: one step of 8 either way
     flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '2', '--warmup', '0', '--data',
              manifest, '--num_workers', '0', '--amp', 'none', '--mixup', '0', '--no-rrc', '--freq_mask', '0',
              '--time_mask', '0', '--patchout', '0', '0']
+    linear = ['--ckpt', 'none', '--model', 'vit_tiny', '--data', manifest, '--num_workers', '0', '--amp', 'none',
+              '--epochs', '5', '--batch_size', '4']
     one = finetune.main([*flags, '--batch_size', '8', '--out', str(tmp_path / 'one')])
     last_loss = lambda out: float(re.search(r'split epoch 1: loss ([0-9.]+),', out)[1])  # of the step after the stop
     one_loss = last_loss(capsys.readouterr().out)
+    one_linear = finetune.main([*linear, '--out', str(tmp_path / 'lin1')])
     two = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    out = subprocess.run([*two, '--no-python', sys.executable, '-c', SIGNAL_ON_RANK_1, *flags, '--batch_size', '4',
-                          '--out', str(tmp_path / 'two')], cwd=HERE, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*two, '--no-python', sys.executable, '-c', LINEAR_THEN_SIGNAL_ON_RANK_1, *linear, '--out',
+                          str(tmp_path / 'lin2'), '---', *flags, '--batch_size', '4', '--out', str(tmp_path / 'two')],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and 'stopped by SIGTERM in split, epoch 0' in out.stderr, out.stderr[-3000:]
+    two_linear = json.loads([line for line in out.stdout.splitlines() if line.startswith('{"mode": "linear"')][0])
+    a, b = (torch.load(tmp_path / d / 'best_split.pt', weights_only=True) for d in ('lin1', 'lin2'))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in ('mean', 'std')) and a['mean'].shape == (192 * 5,)
+    assert torch.allclose(a['head']['weight'], b['head']['weight'], atol=1e-4)
+    assert two_linear['test'] == pytest.approx(one_linear['test'])
     state = torch.load(tmp_path / 'two' / 'checkpoint.pt', weights_only=True)
     assert (state['world'], state['epoch'], state['batch_idx'], len(state['rng'])) == (2, 0, 1, 2)
     out = subprocess.run([*two, 'finetune.py', *flags, '--batch_size', '4', '--out', str(tmp_path / 'two'), '--resume'],
@@ -1431,18 +1444,6 @@ def test_finetune_under_torchrun_equals_one_process_on_the_global_batch(tmp_path
     assert a['head.0.running_mean'].abs().sum() > 0  # the head's BatchNorm saw the batch (all 8 clips, both ways)
     assert two['test'] == pytest.approx(one['test']) and 'cpu x 2' in out.stdout
     assert abs(last_loss(out.stdout) - one_loss) <= 1.5e-4  # both printed to 4 decimals
-    # Linear evaluation: each process extracts the features of every other clip; the heads equal one process's
-    flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--data', manifest, '--num_workers', '0', '--amp', 'none',
-             '--epochs', '5', '--batch_size', '4']
-    one = finetune.main([*flags, '--out', str(tmp_path / 'lin1')])
-    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          'finetune.py', *flags, '--out', str(tmp_path / 'lin2')], cwd=HERE, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, b = (torch.load(tmp_path / d / 'best_split.pt', weights_only=True) for d in ('lin1', 'lin2'))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in ('mean', 'std')) and a['mean'].shape == (192 * 5,)
-    assert torch.allclose(a['head']['weight'], b['head']['weight'], atol=1e-4)
-    assert json.loads(out.stdout.strip().splitlines()[-1])['test'] == pytest.approx(one['test'])
 
 
 def test_finetune_resume_after_a_signal_and_a_crash_equals_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
