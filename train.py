@@ -80,7 +80,8 @@ ONLY_FOR = {
     'clap_ckpt': ('mam_clap, supmam_clap (--target clap)', lambda a: a.arch == 'mae' and a.target == 'clap'),
     **dict.fromkeys(['dec_dim', 'dec_depth'], ('every method but m2d2 --stage 2, which has no decoder',
                                                lambda a: a.arch != 'clap')),
-    **dict.fromkeys(['ema_decay', 'ema_decay_end', 'lambda_m2d', 'lambda_clap'], (M2D_STAGE1, lambda a: a.arch == 'm2d')),
+    **dict.fromkeys(['ema_decay', 'ema_decay_end', 'lambda_m2d', 'lambda_clap'],
+                    (M2D_STAGE1, lambda a: a.arch == 'm2d')),
     **dict.fromkeys(['text_encoder', 'text_pooling'], (CAPTIONED, lambda a: a.lambda_clap > 0)),
     **dict.fromkeys(['sem_depth', 'unfreeze'], ('m2d2 --stage 2', lambda a: a.arch == 'clap')),
 }
