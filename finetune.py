@@ -74,7 +74,7 @@ def get_args(argv=None):
     p.add_argument('--freeze_embed', action=argparse.BooleanOptionalAction, default=False,
                    help='finetune: keep the patch embedding frozen (ref: M2D ESC-50 recipe)')
     p.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False,
-                   help='finetune: continue the unfinished run in <out>/checkpoint.pt (without, one there is an error)')
+                   help='finetune: continue the unfinished run in <out>/resume.pt (without, one there is an error)')
     p.add_argument('--out', help='folder for the best head/model per fold (default runs/<mode>)')
     known = p.parse_known_args(argv)[0]
     p.set_defaults(epochs=200 if known.mode == 'linear' else 100, out=os.path.join('runs', known.mode),
@@ -233,7 +233,7 @@ def layer_groups(model, lr, weight_decay, layer_decay):
 def finetune_fold(encoder, frontend, split, task, args, device, world, progress):
     """Fine-tune on train, keep the epoch with the best validation score, score it on test. Under torchrun each
     process trains on its share of every batch (DDP); all evaluate, the first saves. After every epoch and on
-    SIGINT/SIGTERM <out>/checkpoint.pt holds where the run is (`progress`: the folds done and the stop signal; its
+    SIGINT/SIGTERM <out>/resume.pt holds where the run is (`progress`: the folds done and the stop signal; its
     'resumed' is that checkpoint when --resume continues this fold)."""
     name, train, valid, test = split
     ddp, rank, size = world
@@ -277,7 +277,7 @@ def finetune_fold(encoder, frontend, split, task, args, device, world, progress)
             save_progress()
             if rank == 0:
                 print(f"stopped by {signal.Signals(stop).name} in {name}, epoch {at['epoch']}; {args.out}/"
-                      "checkpoint.pt is saved: continue with the same command and --resume", file=sys.stderr)
+                      "resume.pt is saved: continue with the same command and --resume", file=sys.stderr)
             raise SystemExit(128 + stop)
         model.eval()
         scores, good = clip_outputs(raw.clip_logits, valid, encoder, frontend, args, device, 'valid', world)
@@ -405,7 +405,7 @@ def evaluate(args, device, world):
                 encoder = resumed = progress['resumed'] = None
         results = [progress['done'][split[0]] for split in splits]
         if world[1] == 0:
-            os.remove(os.path.join(args.out, 'checkpoint.pt'))  # the run is finished: nothing to resume
+            os.remove(os.path.join(args.out, 'resume.pt'))  # the run is finished: nothing to resume
     record = {'mode': args.mode, 'ckpt': args.ckpt, 'metric': task.metric, 'test': statistics.mean(results),
               'std': statistics.pstdev(results), 'folds': results}
     say(json.dumps(record))

@@ -1431,7 +1431,7 @@ def test_finetune_and_linear_under_torchrun_equal_one_process_on_the_global_batc
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in ('mean', 'std')) and a['mean'].shape == (192 * 5,)
     assert torch.allclose(a['head']['weight'], b['head']['weight'], atol=1e-4)
     assert two_linear['test'] == pytest.approx(one_linear['test'])
-    state = torch.load(tmp_path / 'two' / 'checkpoint.pt', weights_only=True)
+    state = torch.load(tmp_path / 'two' / 'resume.pt', weights_only=True)
     assert (state['world'], state['epoch'], state['batch_idx'], len(state['rng'])) == (2, 0, 1, 2)
     out = subprocess.run([*two, 'finetune.py', *flags, '--batch_size', '4', '--out', str(tmp_path / 'two'), '--resume'],
                          cwd=HERE, capture_output=True, text=True, timeout=300)
@@ -1456,7 +1456,7 @@ def test_finetune_resume_after_a_signal_and_a_crash_equals_the_uninterrupted_run
     assert sorted(os.listdir(tmp_path / 'straight')) == ['best_fold1.pt', 'best_fold2.pt', 'best_fold3.pt']
     epochs = lambda out: re.findall(r'fold \d epoch \d: loss \S+', out)  # each epoch's last loss
     lines = [epochs(capsys.readouterr().out)]
-    out, ckpt = tmp_path / 'stopped', tmp_path / 'stopped' / 'checkpoint.pt'
+    out, ckpt = tmp_path / 'stopped', tmp_path / 'stopped' / 'resume.pt'
     calls = []  # any_rank_signal: once per step, once after each epoch; call 7 is fold 2's first step
     monkeypatch.setattr(finetune, 'any_rank_signal', lambda got, ddp: calls.append(1) or (15 if len(calls) >= 7 else 0))
     with pytest.raises(SystemExit) as stop:
@@ -1472,6 +1472,15 @@ def test_finetune_resume_after_a_signal_and_a_crash_equals_the_uninterrupted_run
         finetune.main([*flags, '--out', str(out)])
     with pytest.raises(SystemExit, match='written with another --epochs'):
         finetune.main([*flags, '--out', str(out), '--resume', '--epochs', '3'])
+    other = tmp_path / 'other'  # a pre-training folder: its checkpoint.pt is not fine-tuning's, and stays untouched
+    other.mkdir()
+    (other / 'checkpoint.pt').write_bytes(b'pre-training')
+    for content, msg in ((b'not a pickle', 'cannot read .*resume.pt as a PyTorch checkpoint'),
+                         (None, 'resume.pt is not a fine-tuning state written by finetune.py')):
+        torch.save({'model': {}}, other / 'resume.pt') if content is None else (other / 'resume.pt').write_bytes(content)
+        with pytest.raises(SystemExit, match=msg):
+            finetune.main([*flags, '--out', str(other), '--resume'])
+    assert (other / 'checkpoint.pt').read_bytes() == b'pre-training'
     real_save = run_tools.save_checkpoint
     monkeypatch.setattr(run_tools, 'save_checkpoint', lambda path, state: (real_save(path, state), 1 / 0))
     with pytest.raises(ZeroDivisionError):  # killed right after the checkpoint at the end of fold 2's epoch 0

@@ -27,7 +27,10 @@ def load_file(path, trust=False):
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' not in str(e):
             raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]})")
-        what = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), str(e).splitlines()[0])
+        what = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), None)
+        if what is None:  # not an object outside the allow-list: the bytes are not a pickle (corrupt, or another format)
+            raise SystemExit(f"error: cannot read {path} as a PyTorch checkpoint (not a pickle torch.load can read: "
+                             f"{str(e).split('WeightsUnpickler error:')[-1].strip().splitlines()[0]})")
         raise SystemExit(f"error: refused to load {path}: it holds Python objects other than tensors, numbers, strings "
                          f"and containers, and unpickling them could run arbitrary code ({what}). If you trust the "
                          "file's source, pass --trust_checkpoint")

@@ -230,7 +230,7 @@ RESUME_MUST_MATCH = ('ckpt', 'data', 'model', 'frontend', 'n_frames', 'epochs', 
 
 
 def save_finetune_state(out, device, world, state):
-    """<out>/checkpoint.pt, atomically: `state` (fold, epoch, batch, best score, model, optimizer, scheduler, ...) with
+    """<out>/resume.pt, atomically: `state` (fold, epoch, batch, best score, model, optimizer, scheduler, ...) with
     every process's RNG and the files no process could read."""
     ddp, rank, size = world
     rng = all_rng_states(device, ddp, size)
@@ -239,14 +239,15 @@ def save_finetune_state(out, device, world, state):
         bad = [None] * size
         dist.all_gather_object(bad, state['bad'])
     if rank == 0:
-        save_checkpoint(os.path.join(out, 'checkpoint.pt'),
+        save_checkpoint(os.path.join(out, 'resume.pt'),
                         {**state, 'bad': sorted(set().union(*bad)), 'rng': rng, 'world': size})
 
 
 def read_finetune_state(args, world, say):
-    """--resume: the unfinished fine-tuning run in <out>/checkpoint.pt, or None. Without --resume such a file is an
-    error, as in train.py (a finished run deletes it: its results are the best_*.pt files)."""
-    path = os.path.join(args.out, 'checkpoint.pt')
+    """--resume: the unfinished fine-tuning run in <out>/resume.pt, or None. Without --resume such a file is an error,
+    as a checkpoint.pt is in train.py (a finished run deletes it: its results are the best_*.pt files; the name keeps
+    it apart from a pre-training folder's checkpoint.pt)."""
+    path = os.path.join(args.out, 'resume.pt')
     if args.mode == 'linear' or not os.path.exists(path):
         if args.resume:
             say(f"--resume: no checkpoint at {path}; starting from scratch")
@@ -255,6 +256,9 @@ def read_finetune_state(args, world, say):
         raise SystemExit(f"error: {path} is an unfinished fine-tuning run; continue it with --resume, or pass another "
                          "--out (or delete the folder) to start a new one")
     state = load_file(path, args.trust_checkpoint)
+    if not isinstance(state, dict) or not {'fold', 'args', 'world'} <= state.keys():
+        raise SystemExit(f"error: {path} is not a fine-tuning state written by finetune.py; move it away or pass "
+                         "another --out")
     differ = [f'--{k}' for k in RESUME_MUST_MATCH if state['args'].get(k) != vars(args).get(k)]
     differ += ['the number of processes'] if state['world'] != world else []
     if differ:
