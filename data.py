@@ -102,7 +102,7 @@ def read_manifest(path, split=None):
     With `split`, keeps the rows of that split when the manifest has a split column. UTF-8 (with or without a BOM);
     header names are stripped of spaces; quoted fields may hold commas, quotes and line breaks; optional columns may
     be absent or empty. A row without a file, a file that is not UTF-8 text or CSV, and a manifest without rows are
-    errors naming the line; rows that repeat a file are kept, each one sample, with a warning (docs/data.md).
+    errors naming the line; rows that repeat a file are kept, each one sample, with a warning (docs/guide.md).
     """
     rows, seen, repeats = [], {}, []
     try:
