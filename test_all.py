@@ -24,7 +24,7 @@ import data
 import losses
 import model as M
 import train
-from tools import checkpoints, demo, embed, run as run_tools, sentence
+from tools import checkpoints, demo, embed, htsat, run as run_tools, sentence
 from tools.run import trim_log, warmup_cosine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -655,7 +655,7 @@ def test_supmam_refuses_a_manifest_without_labels(tmp_path, capsys):
 @pytest.fixture(scope='module')
 def teacher():
     t = time.perf_counter()
-    teacher = M.CLAPTeacher()
+    teacher = htsat.CLAPTeacher()
     assert time.perf_counter() - t < 60  # offline, no downloads: a few seconds here
     return teacher
 
@@ -690,13 +690,13 @@ def test_teacher_loads_official_checkpoint_layout(teacher, tmp_path):
     state['module.text_branch.embeddings.weight'] = torch.zeros(3)  # other branches are ignored
     torch.save({'epoch': 45, 'state_dict': state}, tmp_path / 'clap.pt')
     torch.manual_seed(123)  # a different random init, then the checkpoint's weights
-    loaded = M.CLAPTeacher(str(tmp_path / 'clap.pt'))
+    loaded = htsat.CLAPTeacher(str(tmp_path / 'clap.pt'))
     wave = torch.randn(2, 30960) * 0.1
     assert torch.equal(loaded(wave, (8, 12)), teacher(wave, (8, 12)))
     del state['module.audio_branch.bn0.weight']
     torch.save({'state_dict': state}, tmp_path / 'broken.pt')
     with pytest.raises(SystemExit, match=r"missing: \['bn0.weight'\]"):
-        M.CLAPTeacher(str(tmp_path / 'broken.pt'))
+        htsat.CLAPTeacher(str(tmp_path / 'broken.pt'))
 
 
 def test_mam_clap_eq1_visible_and_masked_terms():

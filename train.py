@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import M2D, VIT_PRESETS, AudioMAE, CLAPStage2, CLAPTeacher, ViTConfig, clamp_logit_scale
+from model import M2D, VIT_PRESETS, AudioMAE, CLAPStage2, ViTConfig, clamp_logit_scale
 from tools.bench import bench
 from tools.checkpoints import load_file, load_state, part, read_checkpoint
 from tools.demo import DEMO_FRAMES
+from tools.htsat import CLAPTeacher
 from tools.run import (Run, any_rank_signal, given_flags, init_distributed, keep_freed_memory, set_rng_state,
                        shared_flags, stop_on_signals, warmup_cosine)
 from tools.sentence import OFFLINE_TEXT_ENCODER, SentenceEncoder, pooling_of

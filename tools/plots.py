@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import CLAPTeacher, ViTConfig, patchify, unpatchify
+from model import ViTConfig, patchify, unpatchify
 from tools.checkpoints import load_state, read_checkpoint
 from tools.embed import load_encoder
+from tools.htsat import CLAPTeacher
 from tools.run import pick_device, shared_flags
 
 matplotlib.use('Agg')
