@@ -230,11 +230,11 @@ def layer_groups(model, lr, weight_decay, layer_decay):
     return list(groups.values())
 
 
-def finetune_fold(encoder, frontend, split, task, args, device, world, progress):
+def finetune_fold(encoder, frontend, split, task, args, device, world, resumed, done, got):
     """Fine-tune on train, keep the epoch with the best validation score, score it on test. Under torchrun each
     process trains on its share of every batch (DDP); all evaluate, the first saves. After every epoch and on
-    SIGINT/SIGTERM <out>/resume.pt holds where the run is (`progress`: the folds done and the stop signal; its
-    'resumed' is that checkpoint when --resume continues this fold)."""
+    SIGINT/SIGTERM (`got`) <out>/resume.pt holds where the run is, with the scores of the folds `done`; `resumed` is
+    that state when --resume continues this fold."""
     name, train, valid, test = split
     ddp, rank, size = world
     torch.manual_seed(args.seed)
@@ -252,7 +252,7 @@ def finetune_fold(encoder, frontend, split, task, args, device, world, progress)
                          "process(es); lower --batch_size")
     scheduler = warmup_cosine(opt, args.epochs * steps_per_epoch, args.warmup * steps_per_epoch)
     at = {'fold': name, 'epoch': 0, 'batch_idx': 0, 'best': -1.0, 'bad': set()}  # where this fold is
-    if (resumed := progress['resumed']) is not None:
+    if resumed is not None:
         raw.load_state_dict(resumed['model'])
         opt.load_state_dict(resumed['optimizer'])
         scheduler.load_state_dict(resumed['scheduler'])
@@ -261,7 +261,7 @@ def finetune_fold(encoder, frontend, split, task, args, device, world, progress)
 
     def save_progress():
         save_finetune_state(args.out, device, world, {
-            **at, 'done': progress['done'], 'model': raw.state_dict(), 'optimizer': opt.state_dict(),
+            **at, 'done': done, 'model': raw.state_dict(), 'optimizer': opt.state_dict(),
             'scheduler': scheduler.state_dict(), 'args': vars(args)})
 
     y_train, y_valid, y_test = (data.class_targets(rows, task.source, task.classes)[1] for rows in (train, valid, test))
@@ -270,10 +270,9 @@ def finetune_fold(encoder, frontend, split, task, args, device, world, progress)
     bar = tqdm(total=args.epochs * steps_per_epoch, initial=at['epoch'] * steps_per_epoch + at['batch_idx'],
                desc=f'finetune {name}', dynamic_ncols=True, disable=rank > 0)
     while at['epoch'] < args.epochs:
-        loss = train_epoch(model, dataset, frontend, y_train, opt, scheduler, task.multi, args, device, world, at,
-                           progress['got'], bar)
+        loss = train_epoch(model, dataset, frontend, y_train, opt, scheduler, task.multi, args, device, world, at, got, bar)
         loss = mean_over_ranks({'loss': loss}, device, ddp, size)['loss']  # the last step's, over all processes
-        if (stop := any_rank_signal(progress['got'], ddp)):
+        if (stop := any_rank_signal(got, ddp)):
             save_progress()
             if rank == 0:
                 print(f"stopped by {signal.Signals(stop).name} in {name}, epoch {at['epoch']}; {args.out}/"
@@ -384,7 +383,7 @@ def evaluate(args, device, world):
                            accuracy, metric='mAP' if multi else 'accuracy')
     say = print if world[1] == 0 else lambda *a, **k: None
     resumed = read_finetune_state(args, world[2], say)
-    progress = {'resumed': resumed, 'done': dict(resumed['done']) if resumed else {}}  # {fold: test score}
+    done = dict(resumed['done']) if resumed else {}  # {fold: test score}
     os.makedirs(args.out, exist_ok=True)
     enc = load(args, device)
     encoder, frontend = enc.encoder, enc.frontend
@@ -395,15 +394,14 @@ def evaluate(args, device, world):
         results = run_linear(enc, splits, task, args, device, world)
     else:
         with stop_on_signals() as got:
-            for split in [s for s in splits if s[0] not in progress['done']]:
+            for split in [s for s in splits if s[0] not in done]:
                 if resumed and resumed['fold'] != split[0]:
                     raise SystemExit(f"error: the checkpoint is in {resumed['fold']!r}, not {split[0]!r}; resume with "
                                      "the same manifest")
                 encoder = load(args, device).encoder if encoder is None else encoder  # each fold from --ckpt
-                progress['done'][split[0]] = finetune_fold(encoder, frontend, split, task, args, device, world,
-                                                           {**progress, 'got': got})
-                encoder = resumed = progress['resumed'] = None
-        results = [progress['done'][split[0]] for split in splits]
+                done[split[0]] = finetune_fold(encoder, frontend, split, task, args, device, world, resumed, done, got)
+                encoder = resumed = None  # the next fold starts afresh from --ckpt
+        results = [done[split[0]] for split in splits]
         if world[1] == 0:
             os.remove(os.path.join(args.out, 'resume.pt'))  # the run is finished: nothing to resume
     record = {'mode': args.mode, 'ckpt': args.ckpt, 'metric': task.metric, 'test': statistics.mean(results),

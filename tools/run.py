@@ -234,13 +234,9 @@ def save_finetune_state(out, device, world, state):
     every process's RNG and the files no process could read."""
     ddp, rank, size = world
     rng = all_rng_states(device, ddp, size)
-    bad = [state['bad']]
-    if ddp:
-        bad = [None] * size
-        dist.all_gather_object(bad, state['bad'])
+    pool_bad_files(state['bad'], set(state['bad']), ddp, size)  # every process's unreadable files, on every process
     if rank == 0:
-        save_checkpoint(os.path.join(out, 'resume.pt'),
-                        {**state, 'bad': sorted(set().union(*bad)), 'rng': rng, 'world': size})
+        save_checkpoint(os.path.join(out, 'resume.pt'), {**state, 'bad': sorted(state['bad']), 'rng': rng, 'world': size})
 
 
 def read_finetune_state(args, world, say):
