@@ -1345,6 +1345,8 @@ def test_embeddings_of_waveforms_equal_the_file_pipeline_at_any_rate_and_channel
     assert enc.embed_clip(wave.mean(1), sr).shape == (1, 64)  # (L,) arrays too
     with pytest.raises(ValueError, match=r'wave must be'):
         enc.embed_clip(torch.zeros(1, 1, 1, 100), 16000)
+    with pytest.raises(ValueError, match=r'looks like \(samples, channels\).*wave.T\[None\]'):
+        enc.embed_clip(wave, sr)  # (L, 2) as soundfile returns it: not 145530 clips of 2 samples
     with pytest.raises(SystemExit, match=r'\(m2d\) has no audio-text head'):
         enc.embed_text(['a dog'])
 

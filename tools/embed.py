@@ -142,6 +142,9 @@ class Encoder(nn.Module):
         wave = torch.as_tensor(wave, dtype=torch.float32, device=self.device)
         if wave.ndim not in (1, 2, 3) or wave.shape[-1] == 0:
             raise ValueError(f"wave must be (L,), (B, L) or (B, channels, L) with L > 0, not {tuple(wave.shape)}")
+        if wave.ndim > 1 and wave.shape[-1] <= 8 < wave.shape[-2]:  # soundfile's (L, channels), read as L clips
+            raise ValueError(f"wave {tuple(wave.shape)} looks like (samples, channels), as soundfile.read returns it; "
+                             "pass wave.T[None], a (1, channels, L) clip")
         wave = wave.reshape(-1, *wave.shape[-2:]).mean(1) if wave.ndim == 3 else wave.reshape(-1, wave.shape[-1])
         if sr != data.SAMPLE_RATE:
             wave = torchaudio.functional.resample(wave, sr, data.SAMPLE_RATE)
