@@ -21,7 +21,7 @@ import torchaudio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from tools import demo
+from tools import demo, synth
 
 SAMPLE_RATE = 16000
 HOP = 160  # 10 ms frame shift for both front-ends
@@ -394,10 +394,23 @@ def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
     return mean, std * frontend.std_mult
 
 
+def builtin(data):
+    """Whether `--data` names a built-in set: demo, synth (the benchmark's pool) or synth:TASK."""
+    return data == 'demo' or data.split(':')[0] == 'synth'
+
+
+def default_frames(data, frontend):
+    """The crop length when --n_frames is not given: 192 frames on the built-in sets (2 s clips), else the
+    front-end's."""
+    return demo.DEMO_FRAMES if builtin(data) else FRONTENDS[frontend]['n_frames']
+
+
 def resolve_manifest(data):
-    """`--data demo` or a CSV path -> CSV path."""
+    """`--data demo`, `synth`, `synth:TASK` or a CSV path -> CSV path."""
     if data == 'demo':
         return demo.demo_manifest()
+    if builtin(data):
+        return synth.synth_manifest(data)
     if not os.path.exists(data):
-        raise SystemExit(f"error: --data {data}: no such manifest (pass a CSV file, or 'demo')")
+        raise SystemExit(f"error: --data {data}: no such manifest (pass a CSV file, 'demo', 'synth' or 'synth:TASK')")
     return data

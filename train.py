@@ -32,9 +32,9 @@ from model import M2D, VIT_PRESETS, AudioMAE, CLAPStage2, ViTConfig, clamp_logit
 from tools.bench import bench
 from tools.checkpoints import load_file, load_state, part, read_checkpoint
 from tools.demo import DEMO_FRAMES
-from tools.htsat import CLAPTeacher
-from tools.run import (Run, any_rank_signal, given_flags, init_distributed, keep_freed_memory, set_rng_state,
-                       shared_flags, stop_on_signals, warmup_cosine)
+from tools.htsat import clap_teacher
+from tools.run import (AMP_DTYPES, Run, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
+                       resolve_amp, set_rng_state, shared_flags, stop_on_signals, warmup_cosine)
 from tools.sentence import OFFLINE_TEXT_ENCODER, SentenceEncoder, pooling_of
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +70,18 @@ PRESETS = {
 # BERT-base ([CLS]) as text encoder, the offline MiniLM is the default here. blr 1e-4 and 30 epochs are ours.
 STAGE2 = dict(arch='clap', lambda_clap=1.0, crop_frames=1001, mask_ratio=0.3, blr=1e-4, epochs=30)
 
+# Short runs (ours; --recipe short, docs/guide.md): the papers' recipes are tuned for 1e5-3e5 steps of 512-2048 clips;
+# a CPU run has ~2000 steps of 32. The lr follows the batch by the square root (blr x sqrt(B_paper / 32)), not linearly
+# (16-64x less: too little for 2000 steps); M2D's EMA horizon 1 / (1 - tau) keeps its fraction of the run (20k and 100k
+# of 300k steps: 133 and 667 of 2000); the steps fit ~20 minutes on 2 CPU cores at vit_tiny. Flags override them.
+SHORT_RECIPES = {
+    'audiomae': dict(steps=1200, blr=8e-4),  # 2e-4 x sqrt(512 / 32)
+    'supmam': dict(steps=1000, blr=8e-4),  # its encoder sees 60 % of the patches, AudioMAE's 20 %
+    **dict.fromkeys(['mam_clap', 'supmam_clap'], dict(steps=2000, blr=8e-4)),
+    **dict.fromkeys(['m2d', 'm2d_clap', 'm2d2'], dict(steps=2000, blr=2.4e-3, ema_decay=0.9925, ema_decay_end=0.9985)),
+    'm2d2_stage2': dict(steps=1000, blr=1e-3),  # ours either way; 1e-4 at batch 32 barely moves in 1000 steps
+}
+
 MAE_FAMILY = 'the AudioMAE family (audiomae, mam_clap, supmam, supmam_clap)'
 M2D_STAGE1 = 'm2d, m2d_clap, m2d2 (stage 1)'
 CAPTIONED = 'the methods with captions (m2d_clap, m2d2; m2d with --lambda_clap > 0)'
@@ -88,12 +100,12 @@ ONLY_FOR = {
 }
 
 
-def build_model(args, cfg, n_classes=0, multi_label=False, text_dim=0):
+def build_model(args, cfg, n_classes=0, multi_label=False, text_dim=0, teacher_dim=0):
     """The method's model; its forward returns the method's named loss terms."""
     dec_dim = args.dec_dim or min(512, cfg.width)  # 512 at vit_base (ref); (ours) no decoder wider than a small encoder
     if args.arch == 'mae':  # AudioMAE; MAM-CLAP with --target clap; SupMAM(-CLAP) with classes (--lambda_cls > 0)
         return AudioMAE(cfg, args.mask_ratio, dec_dim, args.dec_depth, args.local_attn, n_classes, args.tau,
-                        CLAPTeacher.dim if args.target == 'clap' else 0, multi_label)
+                        teacher_dim, multi_label)
     if args.arch == 'm2d':  # M2D; M2D-CLAP (and M2D2 stage 1) with sentence embeddings (--lambda_clap > 0)
         return M2D(cfg, args.mask_ratio, dec_dim, args.dec_depth, (args.ema_decay, args.ema_decay_end), text_dim)
     return CLAPStage2(cfg, args.text_encoder, args.text_pooling, args.sem_depth, args.unfreeze,  # M2D2 stage 2;
@@ -115,12 +127,15 @@ def get_args(argv=None):
                                 allow_abbrev=False)
     p.add_argument('--method', required=True, choices=sorted(PRESETS))
     p.add_argument('--stage', type=int, choices=[1, 2], default=1, help='M2D2 stage (stage 2 needs --init <stage 1>)')
-    shared_flags(p, amp=('bf16', 'fp16', 'none'))
+    p.add_argument('--recipe', choices=['paper', 'short'], default='paper',
+                   help="the method's defaults: the papers' (PRESETS), or short runs of 2000 steps on a CPU "
+                        '(SHORT_RECIPES); flags override either')
+    shared_flags(p, amp=('auto', 'bf16', 'fp16', 'none'))
     g = p.add_argument_group('data')
     g.add_argument('--split', default='train', help='manifest rows used when it has a split column')
     g.add_argument('--frontend', choices=sorted(data.FRONTENDS), help='log-mel front-end (preset per method)')
     g.add_argument('--n_frames', type=int, help="crop length in frames (default: the front-end's; "
-                   f'{DEMO_FRAMES} on the demo set)')
+                   f'{DEMO_FRAMES} on the built-in sets)')
     g.add_argument('--norm_stats', choices=['default', 'data'], default='default',
                    help="spectrogram mean/std: the front-end's defaults, or measured on the training set")
     g = p.add_argument_group('model')
@@ -135,7 +150,8 @@ def get_args(argv=None):
     g.add_argument('--target', choices=['patches', 'clap'],
                    help='reconstruct spectrogram patches, or CLAP teacher features')
     g.add_argument('--clap_ckpt',
-                   help='official LAION-CLAP HTSAT-tiny checkpoint for the teacher (random weights without)')
+                   help='the CLAP teacher: an official LAION-CLAP HTSAT-tiny checkpoint (the paper\'s; random weights '
+                        'without), or (ours) a CLAP checkpoint of this project (m2d_clap, m2d2) or an M2D-CLAP release')
     g.add_argument('--ema_decay', type=float, default=0.99995, help='M2D target EMA decay at the first step')
     g.add_argument('--ema_decay_end', type=float, default=0.99999, help='... at the last step (linear in between)')
     g.add_argument('--lambda_m2d', type=float, default=1.0, help='weight of the M2D loss (M2D-CLAP Eq. 4)')
@@ -166,16 +182,23 @@ def get_args(argv=None):
     g.add_argument('--init', help='initialize the encoder from a checkpoint (ours or an official release)')
     g.add_argument('--log_every', type=int, default=10)
     g.add_argument('--save_every', type=int, default=500, help='checkpoint every N steps (and at the end)')
+    g.add_argument('--keep_every', type=int, default=0, metavar='N',
+                   help="also keep the model's weights every N steps as <out>/step<N>.pt (for learning curves)")
     g.add_argument('--bench', type=int, default=0, metavar='N', help='time N training steps, print one JSON line, exit')
     known = p.parse_known_args(argv)[0]
     if known.stage == 2 and known.method != 'm2d2':
         p.error('--stage 2 exists for --method m2d2 only')
-    out = os.path.join('runs', known.method + ('_stage2' if known.stage == 2 else ''))
-    p.set_defaults(**{'crop_frames': None, 'out': out, **PRESETS[known.method], **(STAGE2 if known.stage == 2 else {})})
+    name = known.method + ('_stage2' if known.stage == 2 else '')
+    recipe = SHORT_RECIPES[name] if known.recipe == 'short' else {}
+    p.set_defaults(**{'crop_frames': None, 'out': os.path.join('runs', name), **PRESETS[known.method],
+                      **(STAGE2 if known.stage == 2 else {}), **recipe})
     args = p.parse_args(argv)
     method = f"--method {args.method}{' --stage 2' if args.stage == 2 else ''}"
+    given = given_flags(p, argv)
     unused = [f"--{flag} does nothing for {method}; it is for {ONLY_FOR[flag][0]}"
-              for flag in sorted(given_flags(p, argv) & set(ONLY_FOR)) if not ONLY_FOR[flag][1](args)]
+              for flag in sorted(given & set(ONLY_FOR)) if not ONLY_FOR[flag][1](args)]
+    if 'epochs' in given and 'steps' in recipe and 'steps' not in given:
+        unused.append(f"--epochs does nothing with --recipe short, which sets --steps {recipe['steps']}; pass --steps")
     if unused:
         p.error('\n'.join(unused))
     if args.arch == 'clap' and not args.init:
@@ -217,8 +240,8 @@ def load_train_set(args, device, master):
     """Everything a method needs from the manifest, checked before training starts."""
     manifest = data.resolve_manifest(args.data)
     rows = data.read_manifest(manifest, args.split)
-    n_frames = args.n_frames or (DEMO_FRAMES if args.data == 'demo' else
-                                 args.crop_frames or data.FRONTENDS[args.frontend]['n_frames'])
+    n_frames = args.n_frames or (None if data.builtin(args.data) else args.crop_frames) or \
+        data.default_frames(args.data, args.frontend)
     frontend = data.FrontEnd(args.frontend, n_frames).to(device)
     ts = TrainSet(manifest, data.AudioDataset(rows, frontend.n_samples, random_crop=True, seed=args.seed), frontend, [])
     if args.lambda_cls > 0:  # SupMAM: a label on every row
@@ -321,7 +344,7 @@ def train_step(model, batches, frontend, teacher, optimizer, scheduler, scaler, 
         epoch, batch_idx, wave, inputs = next(batches)  # wave (B, L); inputs: class targets or captions
         with torch.no_grad():
             spec = frontend(wave)  # (B, 1, F, T), always fp32
-            if teacher is not None:  # MAM-CLAP §2.1: the CLAP teacher's features of the same segment, (B, N, 768)
+            if teacher is not None:  # MAM-CLAP §2.1: the CLAP teacher's features of the same segment, (B, N, Dt)
                 with autocast:
                     inputs['target'] = teacher(wave, raw_model.encoder.cfg.grid)
         with model.no_sync() if ddp and micro < args.accum - 1 else nullcontext():  # all-reduce on the last micro-step
@@ -367,12 +390,14 @@ def train(args, run):
         raise SystemExit(f"error: {len(ts.dataset)} clips cannot fill one step of {args.batch_size} x {run.world} "
                          f"processes x {args.accum} accum; lower --batch_size")
     total_steps = args.steps or args.epochs * steps_per_epoch
-    # Model and optimizer. The same seed on every rank for the init, then a per-rank stream for masking.
+    # Teacher, model and optimizer. The same seed on every rank for the inits, then a per-rank stream for masking.
+    torch.manual_seed(args.seed)
+    teacher = clap_teacher(args.clap_ckpt, args.trust_checkpoint).to(device) if args.target == 'clap' else None  # no DDP
     torch.manual_seed(args.seed)
     cfg = ViTConfig(**VIT_PRESETS[args.model], n_mels=ts.frontend.n_mels, n_frames=ts.frontend.n_frames)
     text_dim = ts.text_emb.shape[1] if ts.text_emb is not None else 0
-    raw_model = build_model(args, cfg, len(ts.class_names), ts.multi_label, text_dim).to(device)
-    teacher = CLAPTeacher(args.clap_ckpt, args.trust_checkpoint).to(device) if args.target == 'clap' else None  # no DDP
+    raw_model = build_model(args, cfg, len(ts.class_names), ts.multi_label, text_dim,
+                            teacher.dim if teacher else 0).to(device)
     torch.manual_seed(args.seed + 1000 * run.rank)
     eff_batch = args.batch_size * run.world * args.accum
     lr = args.blr * eff_batch / 256
@@ -382,15 +407,15 @@ def train(args, run):
                                    {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}],
                                   lr=lr, betas=(0.9, 0.95), fused=True)
     scheduler = warmup_cosine(optimizer, total_steps, int(args.warmup * total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    autocast = torch.autocast(device.type, dtype=torch.float16 if args.amp == 'fp16' else torch.bfloat16,
-                              enabled=args.amp != 'none')
+    amp = resolve_amp(args.amp, device)  # auto: the device's native precision
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != 'none')
     state = restore(args, run, raw_model, optimizer, scheduler, scaler, ts)
     model = DDP(raw_model, device_ids=[device.index] if device.type == 'cuda' else None) if run.ddp else raw_model
     n_params = sum(p.numel() for p in params)
     say(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M trainable params) | {ts.manifest}: {len(ts.dataset)} clips "
         f"| {ts.frontend.name} {cfg.n_frames} frames, norm ({ts.frontend.mean:.3f}, {ts.frontend.std:.3f}) | {device}, "
-        f"amp {args.amp}")
+        f"amp {amp}{' (auto)' if args.amp == 'auto' else ''}")
     if ts.texts:
         encoded = f", {args.text_encoder} embeddings ({text_dim}-d)" if text_dim else f" for {args.text_encoder}"
         say(f"captions: {len(ts.texts)} distinct texts{encoded}")
@@ -409,8 +434,8 @@ def train(args, run):
                      lambda: data.epoch_loader(ts.dataset, args.batch_size, 0, 0, run.rank, run.world, args.seed,
                                                args.num_workers))
     step_args = (model, stream, ts.frontend, teacher, optimizer, scheduler, scaler, autocast, args)
-    extra = {'run': {'text_dim': text_dim, 'n_classes': len(ts.class_names)}, 'model_config': asdict(cfg),
-             'class_names': ts.class_names}
+    run_config = {'text_dim': text_dim, 'n_classes': len(ts.class_names), 'teacher_dim': teacher.dim if teacher else 0}
+    extra = {'run': run_config, 'model_config': asdict(cfg), 'class_names': ts.class_names}
     return loop(args, run, step_args, state, total_steps, eff_batch, extra)
 
 
@@ -435,11 +460,13 @@ def loop(args, run, step_args, state, total_steps, eff_batch, extra):
                 n, skips, dt = window.pop('n', 0), window.pop('skipped', 0), time.perf_counter() - t_log
                 means = {k: v / n for k, v in window.items()} if n else {}
                 record = {'step': step, 'epoch': epoch, 'lr': lr, **({'loss': weighted_loss(means, args)} if n else {}),
-                          **means, **({'skipped_steps': int(skips)} if args.amp == 'fp16' else {}),
+                          **means, **({'skipped_steps': int(skips)} if scaler.is_enabled() else {}),
                           'samples_per_s': (n + skips) * eff_batch / dt}
                 window, t_log = {}, time.perf_counter()
                 run.write_log(log, record, bar)
             stop = any_rank_signal(got, run.ddp)
+            if args.keep_every and step % args.keep_every == 0:
+                run.keep(model, frontend, extra, step)
             if step % args.save_every == 0 or step == total_steps or stop:
                 window = run.settle(window, step)
                 run.save(model, optimizer, scheduler, scaler, frontend, extra,

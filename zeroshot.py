@@ -17,7 +17,7 @@ import sys
 import data
 from losses import accuracy, mean_average_precision, recall_at_k
 from tools.embed import load_encoder
-from tools.run import pick_device, shared_flags
+from tools.run import pick_device, resolve_amp, shared_flags
 
 
 def get_args(argv=None):
@@ -45,7 +45,8 @@ def main(argv=None):
                          f"({sum(not r['labels'] for r in rows)} of {len(rows)} have none); --retrieval needs captions")
     if args.retrieval and not all(r['captions'] for r in rows):
         raise SystemExit(f"error: {manifest}: --retrieval needs a 'caption' on every row")
-    audio, good = data.clip_outputs(model.audio_text, rows, model.frontend, device, args.amp == 'bf16', args.batch_size,
+    bf16 = resolve_amp(args.amp, device, fp16=False) == 'bf16'
+    audio, good = data.clip_outputs(model.audio_text, rows, model.frontend, device, bf16, args.batch_size,
                                     args.num_workers, args.max_bad, model.encoder.cfg.patch, 'audio')  # (n, E)
     rows = [rows[i] for i in good]
     data.check_finite(audio, rows, args.ckpt)

@@ -8,6 +8,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tools.run import AMP_DTYPES, resolve_amp
+
 
 def sync(device):
     if device.type == 'cuda':
@@ -24,13 +26,19 @@ def timed(fn, n, device):
     return (time.perf_counter() - t) / n
 
 
-def matmul_peak(device, dtype):
-    """The device's measured dense matmul throughput in TFLOP/s: square matmuls of the given dtype, the best of 5
-    trials (the best, because other load on the machine only ever slows a trial down)."""
-    n, reps = (8192, 10) if device.type == 'cuda' else (2048, 12)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
+def matmul_peak(device, dtype, seconds=0.2):
+    """The device's measured dense matmul throughput in TFLOP/s: square matmuls of the given dtype, as large as take
+    10 ms each (at most 8192 on a GPU, 2048 on a CPU), the best of 5 trials of about `seconds` each (the best, because
+    other load on the machine only ever slows a trial down). A second or two, also where the dtype is emulated."""
+    n, top = 256, 8192 if device.type == 'cuda' else 2048
+    while True:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # the first call also picks the kernel
+        one = timed(lambda: a @ b, 1, device)
+        if n >= top or one >= 0.01:
+            break
+        n *= 2
+    reps = max(1, int(seconds / max(one, 1e-6)))
     return max(2 * n ** 3 / timed(lambda: a @ b, reps, device) / 1e12 for _ in range(5))
 
 
@@ -52,7 +60,8 @@ def bench(args, device, world, n_frames, step, teacher, loader):
         torch.cuda.reset_peak_memory_stats(device)
     step_s = timed(step, args.bench, device)
     tflops = flops / (step_s - teacher_s) / 1e12
-    peak = matmul_peak(device, {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}[args.amp])
+    amp = resolve_amp(args.amp, device)
+    peak = matmul_peak(device, AMP_DTYPES[amp])
     memory = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     # The loader on its own: decode + crop with --num_workers, over up to 10 batches after the first (worker start-up).
@@ -63,7 +72,7 @@ def bench(args, device, world, n_frames, step, teacher, loader):
         n += len(items['wave'])
     loader_rate = n / (time.perf_counter() - t)
     samples = args.batch_size * world * args.accum
-    result = {'method': args.method, 'model': args.model, 'device': str(device), 'amp': args.amp,
+    result = {'method': args.method, 'model': args.model, 'device': str(device), 'amp': amp,
               'batch_size': args.batch_size, 'n_frames': n_frames, 'samples_per_s': samples / step_s,
               'step_s': step_s, 'teacher_s': teacher_s, 'teacher_share': teacher_s / step_s, 'model_tflops': tflops,
               'peak_tflops': peak, 'mfu': tflops / peak, 'peak_memory_gb': memory / 2 ** 30,

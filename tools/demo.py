@@ -14,7 +14,7 @@ DEMO_VERSION, DEMO_SECONDS, DEMO_FRAMES = 2, 2.0, 192  # 192 frames = 1.92 s cro
 DEMO_TRAIN, DEMO_TEST = 30, 10  # clips per class
 
 
-def _colored_noise(rng, n, exponent):
+def colored_noise(rng, n, exponent):
     """Noise whose amplitude spectrum falls as f^-exponent (0 white, 1 pink, 2 brown)."""
     spec = np.fft.rfft(rng.standard_normal(n))
     f = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
@@ -31,7 +31,7 @@ def _bursts(n, times, length, rng, make):
     return x
 
 
-def _rms(x):
+def rms(x):
     return np.sqrt(np.mean(x ** 2)) + 1e-9
 
 
@@ -42,7 +42,7 @@ def _event(x, rng):
     start = int(rng.integers(0, n - length + 1))
     env = np.zeros(n)
     env[start:start + length] = np.minimum(1, np.minimum(np.arange(length), np.arange(length)[::-1]) / 320)
-    return x / _rms(x) * env
+    return x / rms(x) * env
 
 
 def _synth(label, rng, n):
@@ -64,7 +64,7 @@ def _synth(label, rng, n):
     if label == 'white_noise':
         return rng.standard_normal(n)
     if label == 'rumble':
-        return _colored_noise(rng, n, 2.0)
+        return colored_noise(rng, n, 2.0)
     if label == 'clicks':
         rate = u(12, 25)
         return _bursts(n, np.arange(u(0, 1 / rate), t[-1], 1 / rate), 64, rng,
@@ -82,7 +82,7 @@ def _synth(label, rng, n):
         return _bursts(n, np.cumsum(u(0.12, 0.3, size=12)) - 0.1, 960, rng, syllable)
     if label == 'knocks':
         return _bursts(n, np.sort(u(0, t[-1] - 0.1, size=rng.integers(2, 6))), 1600, rng,
-                       lambda m: _colored_noise(rng, m, 1.0) * np.exp(-np.arange(m) / 480))
+                       lambda m: colored_noise(rng, m, 1.0) * np.exp(-np.arange(m) / 480))
     raise KeyError(label)
 
 
@@ -102,9 +102,26 @@ DEMO_CLASSES = {  # label: caption phrasings
 }
 
 
+def cache_dir():
+    """Where the built-in sets are generated: ~/.cache/mam-clap, or MAMCLAP_CACHE."""
+    return os.environ.get('MAMCLAP_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'mam-clap'))
+
+
 def demo_root():
-    cache = os.environ.get('MAMCLAP_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'mam-clap'))
-    return os.path.join(cache, f'demo-v{DEMO_VERSION}')
+    return os.path.join(cache_dir(), f'demo-v{DEMO_VERSION}')
+
+
+def generate_once(root, make, marker):
+    """Run make(folder) into a fresh folder renamed to `root` unless root/marker exists: atomic, so that when several
+    ranks race one wins and the others find the finished set."""
+    if not os.path.exists(os.path.join(root, marker)):
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(root), prefix='.tmp-')
+        make(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            shutil.rmtree(tmp)
 
 
 def make_demo(root):
@@ -118,7 +135,7 @@ def make_demo(root):
             for i in range(DEMO_TRAIN + DEMO_TEST):
                 rng = np.random.default_rng([DEMO_VERSION, c, i])
                 x = _event(_synth(label, rng, n), rng)
-                x = x + _colored_noise(rng, n, rng.uniform(0, 2)) * _rms(x) * 10 ** (-rng.uniform(0, 20) / 20)  # SNR 0-20 dB
+                x = x + colored_noise(rng, n, rng.uniform(0, 2)) * rms(x) * 10 ** (-rng.uniform(0, 20) / 20)  # SNR 0-20 dB
                 x = x / (np.abs(x).max() + 1e-9) * rng.uniform(0.1, 0.8)  # random loudness
                 name = f'audio/{label}_{i:03d}.wav'
                 sf.write(os.path.join(root, name), np.clip(x, -1, 1), SAMPLE_RATE, subtype='PCM_16')
@@ -126,14 +143,6 @@ def make_demo(root):
 
 
 def demo_manifest():
-    """Path of the demo manifest, synthesizing the set on first use (safe when several ranks race)."""
-    root = demo_root()
-    if not os.path.exists(os.path.join(root, 'demo.csv')):
-        os.makedirs(os.path.dirname(root), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(root), prefix='.demo-tmp-')
-        make_demo(tmp)
-        try:
-            os.rename(tmp, root)  # atomic: a concurrent rank either wins or finds the finished set
-        except OSError:
-            shutil.rmtree(tmp)
-    return os.path.join(root, 'demo.csv')
+    """Path of the demo manifest, synthesizing the set on first use."""
+    generate_once(demo_root(), make_demo, 'demo.csv')
+    return os.path.join(demo_root(), 'demo.csv')

@@ -49,6 +49,20 @@ def build_encoder(ckpt, source, n_frames=None):
     return encoder, data.FrontEnd(fe['name'], cfg.n_frames, fe['mean'], fe['std'])
 
 
+def text_projector(tp, source):
+    """text_proj from its weights (ref: the authors' runtime): none (Identity), a Linear, or the MLP Linear-ReLU-Linear of
+    the 2025 ablation models (keys 0.* and 2.*)."""
+    if not tp:
+        return nn.Identity()
+    if tp.keys() == {'weight', 'bias'}:
+        return nn.Linear(tp['weight'].shape[1], tp['weight'].shape[0])
+    if tp.keys() == {'0.weight', '0.bias', '2.weight', '2.bias'}:
+        (h, d), (e, _) = tp['0.weight'].shape, tp['2.weight'].shape
+        return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, e))
+    raise SystemExit(f"error: {source}: text_proj has keys {sorted(tp)}; readable are a Linear (weight, bias) and the "
+                     "2025 releases' MLP (0.weight, 0.bias, 2.weight, 2.bias)")
+
+
 def encode_clip(encoder, spec, chunk=None, group=64):
     """(B, 1, F, T) of any length -> patch tokens (B, Fp, t, D) of consecutive chunks of `chunk` frames (default: the
     model's input length), concatenated in time; at most `group` chunks pass the encoder at once, so memory stays bounded
@@ -85,18 +99,19 @@ class Encoder(nn.Module):
         state, args = (ckpt['model'], ckpt['args']) if ckpt else ({}, {})
         self.method = args.get('method', 'a random encoder')
         self.audio_proj = self.text_proj = self.text_encoder = None
-        proj, D = part(state, 'audio_proj.'), encoder.cfg.width
-        if proj:
+        proj, tp, D = part(state, 'audio_proj.'), part(state, 'text_proj.'), encoder.cfg.width
+        if proj or tp:  # a CLAP checkpoint (ref: the authors' runtime, make_it_CLAP)
             self.pool = 'sem_token' not in proj  # M2D-CLAP pools the tokens first; AudioToSemantic attends to them all
-            if self.pool:
+            if not proj:  # the 2025 ablations with text_proj only: the mean of the tokens is the audio embedding (ref)
+                self.audio_proj = nn.Identity()
+            elif self.pool:
                 (hidden, _), (out, _) = proj['0.weight'].shape, proj['2.weight'].shape
                 self.audio_proj = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Linear(hidden, out))
             else:
                 depth = 1 + max(int(k.split('.')[1]) for k in proj if k.startswith('sem_blocks.'))
                 self.audio_proj = AudioToSemantic(D, depth)
             load_state(self.audio_proj, proj, source)
-            tp = part(state, 'text_proj.')
-            self.text_proj = nn.Linear(tp['weight'].shape[1], tp['weight'].shape[0]) if tp else nn.Identity()
+            self.text_proj = text_projector(tp, source)
             load_state(self.text_proj, tp, source)
         weights = part(state, 'text_encoder.model.')  # M2D2 stage 2 and "...pTI" releases carry a trained one
         if text_encoder and weights:

@@ -1,7 +1,10 @@
 """The HEAR 2021 API (Turian+ 2022, "HEAR: Holistic Evaluation of Audio Representations") for any checkpoint this
 project reads, through tools/embed.py:
 
-    hear-validator tools.hear -m runs/m2d/checkpoint.pt      # the hearvalidator package (it needs tensorflow)
+    PYTHONPATH=. hear-validator tools.hear -m runs/m2d/checkpoint.pt --device cpu   # from the repository root
+
+(the validator's installed script does not look in the current folder: PYTHONPATH=. lets it find this module; its
+installation is in docs/guide.md)
 
     from tools import hear
     model = hear.load_model('runs/m2d/checkpoint.pt')

@@ -28,8 +28,8 @@ import data
 from model import ViTConfig, patchify, unpatchify
 from tools.checkpoints import load_state, read_checkpoint
 from tools.embed import load_encoder
-from tools.htsat import CLAPTeacher
-from tools.run import pick_device, shared_flags
+from tools.htsat import CLAPTeacher, clap_teacher
+from tools.run import pick_device, resolve_amp, shared_flags
 
 matplotlib.use('Agg')
 import matplotlib.lines  # noqa: E402  (after choosing the file-only backend)
@@ -40,8 +40,9 @@ def pretraining_model(ckpt, path, device):
     """The whole pre-training model (decoder, predictor, target network) of one of our checkpoints, in eval mode."""
     import train  # the presets and build_model of the method that wrote it
     args, run = Namespace(**ckpt['args']), ckpt.get('run', {})
+    teacher_dim = run.get('teacher_dim', CLAPTeacher.dim if ckpt['args'].get('target') == 'clap' else 0)  # 768: HTSAT
     model = train.build_model(args, ViTConfig(**ckpt['model_config']), run.get('n_classes', 0), False,
-                              run.get('text_dim', 0))
+                              run.get('text_dim', 0), teacher_dim)
     load_state(model, ckpt['model'], path)
     return model.to(device).eval()
 
@@ -67,10 +68,10 @@ def teacher_view(model, teacher, wave, spec):
     """MAM-CLAP: the teacher's map and the prediction projected on the teacher map's first principal component over
     the patches, and their per-patch cosine, each (Fp, Tp); plus the mask (Fp, Tp)."""
     grid = model.encoder.cfg.grid
-    target = teacher(wave, grid)[0]  # (N, 768)
+    target = teacher(wave, grid)[0]  # (N, teacher width)
     _, pred, mask = model.predict(spec)
     center = target.mean(0)
-    pc = torch.linalg.svd(target - center, full_matrices=False)[2][0]  # (768,)
+    pc = torch.linalg.svd(target - center, full_matrices=False)[2][0]  # (teacher width,)
     as_grid = lambda x: x.view(grid).cpu().numpy()  # noqa: E731
     return {'teacher (PC 1)': as_grid((target - center) @ pc),
             'prediction (PC 1)': as_grid((pred[0].float() - center) @ pc),
@@ -90,7 +91,8 @@ def m2d_cosine(model, spec):
 def similarity(enc, rows, source, args, device):
     """CLAP: cosine (n, C) of every readable clip with every class prompt, rows ordered by first label; the class names
     and each row's first label."""
-    audio, good = data.clip_outputs(enc.audio_text, rows, enc.frontend, device, args.amp == 'bf16', args.batch_size,
+    bf16 = resolve_amp(args.amp, device, fp16=False) == 'bf16'
+    audio, good = data.clip_outputs(enc.audio_text, rows, enc.frontend, device, bf16, args.batch_size,
                                     args.num_workers, args.max_bad, enc.encoder.cfg.patch, 'audio')
     rows = [rows[i] for i in good]
     classes = sorted({c for r in rows for c in r['labels']})
@@ -174,6 +176,30 @@ def draw_curves(runs, path):
 
 # ---------------------------------------------------------------------------------------------
 
+def table_curves(results, args, path):
+    """tools/table.py's learning curves: per task, linear-evaluation accuracy (the first probe seed) against
+    pre-training steps for each method's first seed, with the random-init and supervised lines (means over seeds)."""
+    from tools.synth import TASKS
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], TASKS):
+        for method in args.methods:
+            points = sorted((k[3], 100 * r['test']) for k, r in results.items()  # (step, accuracy)
+                            if k[:3] == ('linear', method, args.seeds[0]) and k[4:] == (task, args.probe_seeds[0]))
+            if points:
+                ax.plot(*zip(*points), marker='o', ms=3, label=method)
+        for name, key, style in (('random init', ('linear', 'random'), ':'),
+                                 ('supervised', ('finetune', 'supervised'), '--')):
+            scores = [100 * r['test'] for k, r in results.items() if k[:2] == key and k[4] == task]
+            if scores:
+                ax.axhline(np.mean(scores), color='k', ls=style, lw=1, label=f'{name} ({np.mean(scores):.1f})')
+        ax.set(title=f'synth:{task}', xlabel='pre-training step (vit_tiny, batch 32)', ylabel='linear accuracy (%)')
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def draw_checkpoint(path, args, device, manifest, rows):
     """Every figure that fits the checkpoint at path; returns the files written."""
     ckpt = read_checkpoint(path, args.trust_checkpoint)
@@ -192,7 +218,7 @@ def draw_checkpoint(path, args, device, manifest, rows):
             written.append(panels(view, f"{name}: M2D prediction vs target ({clip})",
                                   os.path.join(args.out, f'{name}_m2d.png')))
         elif ckpt['args'].get('target') == 'clap':
-            teacher = CLAPTeacher(ckpt['args'].get('clap_ckpt'), args.trust_checkpoint).to(device)
+            teacher = clap_teacher(ckpt['args'].get('clap_ckpt'), args.trust_checkpoint).to(device)
             view = {'input': spec[0, 0].cpu().numpy(), **teacher_view(model, teacher, wave, spec)}
             written.append(panels(view, f"{name}: MAM-CLAP teacher vs prediction ({clip})",
                                   os.path.join(args.out, f'{name}_teacher.png')))

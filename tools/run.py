@@ -5,11 +5,13 @@ checkpoint step.
 None of it is in the papers; it is what keeps a long run safe (docs/reliability.md says what each guarantees)."""
 import argparse
 import ctypes
+import functools
 import json
 import math
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -23,14 +25,15 @@ import data
 from tools.checkpoints import load_file
 
 
-def shared_flags(p, amp=('bf16', 'none'), seed=True):
+def shared_flags(p, amp=('auto', 'bf16', 'none'), seed=True):
     """The flags train.py, finetune.py and zeroshot.py have in common (zeroshot.py draws nothing random: no --seed)."""
     p.add_argument('--data', default='demo', help="'demo' (the built-in synthetic set) or a CSV manifest")
     p.add_argument('--batch_size', type=int, default=32, help='clips per process per step')
     p.add_argument('--num_workers', type=int, default=cpu_share(),
                    help="decoding workers per process (default: this process's share of the CPU cores, at most 8)")
     p.add_argument('--max_bad', type=float, default=0.05, help='abort when more than this fraction of files fail')
-    p.add_argument('--amp', choices=list(amp), default='bf16', help='autocast precision (the front-end stays fp32)')
+    p.add_argument('--amp', choices=list(amp), default='auto', help="autocast precision (the front-end stays fp32); "
+                   "auto: the device's native one (resolve_amp)")
     p.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
                    help='unpickle any Python object in checkpoint files (only tensors, numbers, strings, containers and '
                         'argparse.Namespace without): can run code, so only for files from a source you trust')
@@ -52,7 +55,43 @@ def given_flags(parser, argv):
 
 
 def pick_device(name):
+    if name and name.startswith('mps'):
+        raise SystemExit("error: --device mps (Apple GPUs) is not supported: its autocast, fused AdamW and attention "
+                         "paths are untested here; use --device cpu")
     return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}
+
+
+def resolve_amp(amp, device, fp16=True):
+    """--amp auto -> the precision the device computes natively: bf16 on CUDA of capability >= 8.0 and on CPUs that
+    multiply bf16 faster than fp32 (AVX512-BF16, AMX), fp16 on older CUDA GPUs (T4, V100; train.py adds the gradient
+    scaler; `fp16=False` for evaluation paths without one gives fp32 there), else fp32 ('none'): emulated bf16 is about
+    20x slower than fp32 (docs/performance.md). Any other value is returned as it is."""
+    if amp != 'auto':
+        return amp
+    if device.type == 'cuda':
+        return 'bf16' if torch.cuda.get_device_capability(device) >= (8, 0) else 'fp16' if fp16 else 'none'
+    return 'bf16' if device.type == 'cpu' and cpu_bf16_is_native() else 'none'
+
+
+@functools.cache
+def cpu_bf16_is_native(n=512):
+    """Whether this CPU multiplies n x n bf16 matrices faster than fp32 ones (best of 3 each: 0.05 s with AMX, 2 s
+    where bf16 is emulated). A measured probe rather than the CPU's flags: it also sees what oneDNN may use
+    (ONEDNN_MAX_CPU_ISA)."""
+    best, g = {}, torch.Generator().manual_seed(0)  # its own generator: the run's random stream stays untouched
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+        a @ b  # warm-up: oneDNN picks its kernel
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] < best[torch.float32]
 
 
 def init_distributed(device_name):
@@ -336,6 +375,14 @@ class Run:
                 'args': vars(self.args), 'frontend': frontend.config(),
                 **extra})
         self.saved = state['step']
+
+    def keep(self, model, frontend, extra, step):
+        """<out>/step<step>.pt on rank 0: the model's weights alone, readable wherever a checkpoint is (--ckpt)."""
+        if self.master:
+            raw_model = model.module if self.ddp else model
+            save_checkpoint(os.path.join(self.args.out, f'step{step}.pt'), {
+                'model': raw_model.state_dict(), 'step': step, 'args': vars(self.args), 'frontend': frontend.config(),
+                **extra})
 
     def open_log(self, step):
         """<out>/log.jsonl on rank 0, trimmed to the checkpoint's step (a resumed run logs the later steps again)."""
