@@ -619,11 +619,20 @@ def test_auto_precision_follows_the_devices_native_support(tmp_path, monkeypatch
                                             ((7, 0), 'fp16', 'none')):
         monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device, c=capability: c)
         assert run_tools.resolve_amp('auto', cuda) == train_amp and run_tools.resolve_amp('auto', cuda, False) == eval_amp
-    cpu, probe = torch.device('cpu'), run_tools.cpu_bf16_is_native
-    assert probe.__wrapped__(64) in (True, False)  # the real probe runs (its answer is this machine's)
-    for native, expect in ((True, 'bf16'), (False, 'none')):
-        monkeypatch.setattr(run_tools, 'cpu_bf16_is_native', lambda n=native: n)
+    cpu = torch.device('cpu')
+    for avx512_bf16, amx, isa, expect in ((True, False, None, 'bf16'), (False, True, None, 'bf16'),
+                                          (False, False, None, 'none'), (True, True, 'AVX2', 'none'),
+                                          (True, True, 'avx512_core_amx', 'bf16')):
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda v=amx: v)
+        if isa:  # oneDNN limited to an ISA without bf16 units emulates it
+            monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', isa)
+        else:
+            monkeypatch.delenv('ONEDNN_MAX_CPU_ISA', raising=False)
         assert run_tools.resolve_amp('auto', cpu) == expect and run_tools.resolve_amp('fp16', cpu) == 'fp16'
+    monkeypatch.delenv('ONEDNN_MAX_CPU_ISA')  # (oneDNN reads it once per process: a matmul under it would stay slow)
+    for flag in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):  # a CPU without bf16 units
+        monkeypatch.setattr(torch.cpu, flag, lambda: False)
     train.main(['--method', 'audiomae', *TINY, '--bench', '1', '--out', str(tmp_path)])  # no bf16: fp32 on this "CPU"
     out = capsys.readouterr().out
     assert '| cpu, amp none (auto)' in out and json.loads(out.splitlines()[-1])['amp'] == 'none'
@@ -859,7 +868,7 @@ def test_clap_target_methods_train(tmp_path, capsys, method, terms):
 
 
 def test_bench_reports_the_teachers_share(tmp_path, capsys):
-    result, _ = run_train(capsys, tmp_path, '--bench', '1', method='mam_clap')
+    result, _ = run_train(capsys, tmp_path, '--bench', '3', method='mam_clap')  # 3 steps: less timing noise
     assert 0 < result['teacher_s'] < result['step_s'] and 0 < result['teacher_share'] < 1 and result['model_tflops'] > 0
 
 

@@ -190,8 +190,10 @@ def table_curves(results, args, path):
         for name, key, style in (('random init', ('linear', 'random'), ':'),
                                  ('supervised', ('finetune', 'supervised'), '--')):
             scores = [100 * r['test'] for k, r in results.items() if k[:2] == key and k[4] == task]
-            if scores:
-                ax.axhline(np.mean(scores), color='k', ls=style, lw=1, label=f'{name} ({np.mean(scores):.1f})')
+            if scores:  # the line's value on each panel: the tasks' baselines differ
+                ax.axhline(np.mean(scores), color='k', ls=style, lw=1, label=name)
+                ax.text(0.01, np.mean(scores), f'{name} {np.mean(scores):.1f}', transform=ax.get_yaxis_transform(),
+                        va='bottom', fontsize=8)
         ax.set(title=f'synth:{task}', xlabel='pre-training step (vit_tiny, batch 32)', ylabel='linear accuracy (%)')
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.0, 0.5))

@@ -5,13 +5,11 @@ checkpoint step.
 None of it is in the papers; it is what keeps a long run safe (docs/reliability.md says what each guarantees)."""
 import argparse
 import ctypes
-import functools
 import json
 import math
 import os
 import signal
 import sys
-import time
 from contextlib import contextmanager
 
 import torch
@@ -65,8 +63,8 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float
 
 
 def resolve_amp(amp, device, fp16=True):
-    """--amp auto -> the precision the device computes natively: bf16 on CUDA of capability >= 8.0 and on CPUs that
-    multiply bf16 faster than fp32 (AVX512-BF16, AMX), fp16 on older CUDA GPUs (T4, V100; train.py adds the gradient
+    """--amp auto -> the precision the device computes natively: bf16 on CUDA of capability >= 8.0 and on CPUs with
+    bf16 units (AVX512-BF16, AMX), fp16 on older CUDA GPUs (T4, V100; train.py adds the gradient
     scaler; `fp16=False` for evaluation paths without one gives fp32 there), else fp32 ('none'): emulated bf16 is about
     20x slower than fp32 (docs/performance.md). Any other value is returned as it is."""
     if amp != 'auto':
@@ -76,22 +74,13 @@ def resolve_amp(amp, device, fp16=True):
     return 'bf16' if device.type == 'cpu' and cpu_bf16_is_native() else 'none'
 
 
-@functools.cache
-def cpu_bf16_is_native(n=512):
-    """Whether this CPU multiplies n x n bf16 matrices faster than fp32 ones (best of 3 each: 0.05 s with AMX, 2 s
-    where bf16 is emulated). A measured probe rather than the CPU's flags: it also sees what oneDNN may use
-    (ONEDNN_MAX_CPU_ISA)."""
-    best, g = {}, torch.Generator().manual_seed(0)  # its own generator: the run's random stream stays untouched
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-        a @ b  # warm-up: oneDNN picks its kernel
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        best[dtype] = min(times)
-    return best[torch.bfloat16] < best[torch.float32]
+def cpu_bf16_is_native():
+    """Whether this CPU has bf16 matmul units (AVX512-BF16 or AMX, from cpuinfo as torch reads it) that oneDNN may use:
+    ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (e.g. AVX2) emulates bf16, about 20x slower than fp32. Read from the
+    CPU's flags, not timed: a timing probe on a busy machine can answer differently in a run and in its resume."""
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
+    allowed = isa in ('ALL', 'DEFAULT') or 'BF16' in isa or 'AMX' in isa
+    return allowed and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def init_distributed(device_name):
