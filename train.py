@@ -193,6 +193,12 @@ def get_args(argv=None):
     p.set_defaults(**{'crop_frames': None, 'out': os.path.join('runs', name), **PRESETS[known.method],
                       **(STAGE2 if known.stage == 2 else {}), **recipe})
     args = p.parse_args(argv)
+    refuse_unused_flags(p, argv, args, recipe)
+    return args
+
+
+def refuse_unused_flags(p, argv, args, recipe):
+    """A usage error for a flag that does nothing for the chosen method or recipe, or a stage 2 without --init."""
     method = f"--method {args.method}{' --stage 2' if args.stage == 2 else ''}"
     given = given_flags(p, argv)
     unused = [f"--{flag} does nothing for {method}; it is for {ONLY_FOR[flag][0]}"
@@ -204,7 +210,6 @@ def get_args(argv=None):
     if args.arch == 'clap' and not args.init:
         p.error('--method m2d2 --stage 2 trains on top of a stage-1 audio encoder: pass --init <stage-1 checkpoint>, '
                 'e.g. --init runs/m2d2/checkpoint.pt from --method m2d2 --stage 1')
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
