@@ -33,9 +33,10 @@ from losses import accuracy, classification_loss, mean_average_precision
 from model import VIT_PRESETS, ViT, ViTConfig, structured_masking
 from tools.augment import mixup, random_resize_crop, spec_augment
 from tools.embed import Encoder, encode_clip, load_encoder
-from tools.run import (BatchNormAcrossRanks, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
-                       mean_over_ranks, read_finetune_state, resolve_amp, save_checkpoint, save_finetune_state,
-                       set_rng_state, share_outputs, shared_flags, stop_on_signals, warmup_cosine)
+from tools.run import (BatchNormAcrossRanks, any_rank_signal, compile_flag, compile_training, given_flags,
+                       init_distributed, keep_freed_memory, mean_over_ranks, read_finetune_state, resolve_amp,
+                       save_checkpoint, save_finetune_state, set_rng_state, share_outputs, shared_flags, stop_on_signals,
+                       warmup_cosine)
 
 # Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
 # with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch (ref) -- we
@@ -72,6 +73,7 @@ def get_args(argv=None):
                         'front-end: 0.2 0.2 fbank128, 0.4 0.2 mel80)')
     p.add_argument('--freeze_embed', action=argparse.BooleanOptionalAction, default=False,
                    help='finetune: keep the patch embedding frozen (ref: M2D ESC-50 recipe)')
+    compile_flag(p, 'finetune: ')
     p.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False,
                    help='finetune: continue the unfinished run in <out>/resume.pt (without, one there is an error)')
     p.add_argument('--out', help='folder for the best head/model per fold (default runs/<mode>)')
@@ -246,6 +248,8 @@ def finetune_fold(encoder, frontend, split, task, args, device, world, resumed, 
     raw = Classifier(encoder, len(task.classes)).to(device)
     raw.encoder.patch_embed.requires_grad_(not args.freeze_embed)
     model = DDP(raw, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else raw
+    if args.compile:
+        compile_training(model, args.compile)  # the training forward; evaluation (clip_logits) stays eager
     torch.manual_seed(args.seed + 1000 * rank)  # the same init everywhere, then each process its own augmentations
     groups = layer_groups(raw, args.lr, args.weight_decay, args.layer_decay)
     opt = (torch.optim.SGD(groups, lr=args.lr, momentum=0.9) if args.optim == 'sgd' else
@@ -395,7 +399,8 @@ def evaluate(args, device, world):
     say(f"{args.mode} | {args.ckpt} | {encoder.cfg.width}-d x {encoder.cfg.depth} blocks, {frontend.name} "
         f"{encoder.cfg.n_frames} frames | {manifest}: {len(classes)} classes, {task.metric}, {len(splits)} fold(s), "
         f"{len(splits[0][1])}/{len(splits[0][2])}/{len(splits[0][3])} train/valid/test | {device} x {world[2]}, amp "
-        f"{resolve_amp(args.amp, device, fp16=False)}{' (auto)' if args.amp == 'auto' else ''}")
+        f"{resolve_amp(args.amp, device, fp16=False)}{' (auto)' if args.amp == 'auto' else ''}"
+        f"{f', compiled ({args.compile})' if args.compile else ''}")
     if args.mode == 'linear':
         results = run_linear(enc, splits, task, args, device, world)
     else:

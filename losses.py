@@ -5,8 +5,8 @@ audio-text width. Mask convention: mask (B, N), 1 = masked.
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 
 def token_mse(pred, target, weight):
@@ -68,7 +68,10 @@ def clap_loss(audio, text, logit_scale):
     """
     audio, text = F.normalize(audio.float(), dim=-1), F.normalize(text.float(), dim=-1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    all_audio, all_text = (torch.cat(dist_nn.all_gather(x)) for x in (audio, text)) if world > 1 else (audio, text)
+    # a functional collective (reduce-scatter of the gradients, as torch.distributed.nn's all_gather): torch.compile
+    # traces it into the step's graph, where torch.distributed.nn's would break the graph
+    all_audio, all_text = (all_gather_tensor_autograd(x, 0, dist.group.WORLD) for x in (audio, text)) if world > 1 \
+        else (audio, text)
     labels = torch.arange(len(audio), device=audio.device) + rank * len(audio)
     return (F.cross_entropy(logit_scale * audio @ all_text.T, labels)  # audio -> text: softmax over captions
             + F.cross_entropy(logit_scale * text @ all_audio.T, labels)) / 2  # text -> audio: softmax over clips

@@ -124,8 +124,9 @@ def init_weights(m):
 
 
 # (ours) On CPU the backward of PyTorch's flash-attention kernel is slower than the math path (two batched matmuls
-# and a softmax) up to ~160 tokens, e.g. the visible tokens and demo-length decoders (docs/performance.md).
-SHORT_CPU = 160
+# and a softmax) up to ~200 tokens: the visible tokens, demo-length decoders, M2D's predictor at 608 frames (191
+# tokens); from ~208 on flash is faster (docs/performance.md).
+SHORT_CPU = 200
 
 
 def attention(q, k, v, mask=None, scale=None):

@@ -540,16 +540,26 @@ def test_resume_across_an_epoch_boundary(tmp_path, capsys, monkeypatch):
     assert [r['loss'] for r in logs['resumed']] == [r['loss'] for r in logs['straight']]
 
 
-@pytest.mark.parametrize('method', ['supmam', 'm2d_clap'])  # AudioMAE + BatchNorm; EMA + all-gather
-def test_ddp_two_processes_gloo(tmp_path, method):
+# A script run as `python -c SHALLOW script.py args`: the script with 2-block vit_tiny encoders (compiles in seconds)
+SHALLOW = '''import runpy, sys, model
+model.VIT_PRESETS['vit_tiny'] = {**model.VIT_PRESETS['vit_tiny'], 'depth': 2}
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')'''
+
+
+@pytest.mark.parametrize('method,extra', [('supmam', []),  # AudioMAE + BatchNorm
+                                          ('m2d_clap', ['--compile', 'aot_eager', '--accum', '2'])])  # EMA, all-gather
+def test_ddp_two_processes_gloo(tmp_path, method, extra):
     out = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-         '--method', method, *TINY, '--steps', '3', '--out', str(tmp_path)],
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         *(['--no-python', sys.executable, '-c', SHALLOW] if extra else []), 'train.py',
+         '--method', method, *TINY, '--steps', '3', '--out', str(tmp_path), *extra],
         cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0 and 'Recompiling' not in out.stderr, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last['step'] == 3 and math.isfinite(last['loss']) and ('loss_cls' in last) == (method == 'supmam')
-    assert 'effective batch 8 = 4 x 2 process(es)' in out.stdout
+    assert f"effective batch {8 * (1 + bool(extra))} = 4 x 2 process(es)" in out.stdout
+    assert (' (auto), compiled (aot_eager)' in out.stdout) == bool(extra)  # the header says so
     ckpt = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
 
@@ -603,12 +613,29 @@ def test_init_loads_encoder_and_mismatch_lists_keys(tmp_path, capsys):
                     '--init', str(tmp_path / 'a' / 'checkpoint.pt')])
 
 
-def test_bench_prints_throughput_flops_and_mfu(tmp_path, capsys):
+def test_bench_prints_throughput_flops_mfu_and_the_plain_stacks(tmp_path, capsys, monkeypatch):
+    """--bench: the step's figures, and the anchor: a plain stack of the encoder's blocks at the encoder's shape
+    (batch x (CLS + visible patches)); with --compile both are compiled, the first step holds the compilation, and
+    compiled and eager steps are timed in turns."""
     result, last = run_train(capsys, tmp_path, '--bench', '2', '--frontend', 'mel80', '--no-local_attn')
-    assert last == result and result['n_frames'] == demo.DEMO_FRAMES
+    assert last == result and result['n_frames'] == demo.DEMO_FRAMES and result['compile'] is None
     assert result['samples_per_s'] > 0 and result['model_tflops'] > 0 and result['peak_tflops'] > 0
     assert 0 < result['mfu'] < 1.5 and result['peak_memory_gb'] > 0 and result['loader_samples_per_s'] > 0
+    visible = lambda ratio: M.random_masking(1, 5 * 12, ratio, 'cpu')[0].shape[1]  # of mel80's 5 x 12 patches
+    assert result['encoder_tokens'] == [4, 1 + visible(0.8)] and result['anchor_tflops'] > 0
+    assert result['mfu_of_anchor'] == pytest.approx(result['model_tflops'] / result['anchor_tflops'])
+    assert result['anchor_mfu'] == pytest.approx(result['anchor_tflops'] / result['peak_tflops'])
     assert not os.path.exists(tmp_path / 'checkpoint.pt')
+    monkeypatch.setitem(M.VIT_PRESETS, 'vit_tiny', {**M.VIT_PRESETS['vit_tiny'], 'depth': 2})  # compiles in seconds
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, _ = run_train(capsys, tmp_path, '--bench', '1', '--compile', 'aot_eager', method='m2d')
+    assert counters['frames']['total'] == 2  # the step's graph, then the anchor's, each compiled once
+    assert compiled['compile'] == 'aot_eager' and compiled['encoder_tokens'] == [4, 1 + visible(0.7)]
+    assert compiled['first_step_s'] > 3 * compiled['step_s'] and compiled['model_tflops'] > 0  # flops counted eagerly
+    assert compiled['compile_speedup'] == pytest.approx(compiled['eager_step_s'] / compiled['step_s'])
+    assert result['eager_step_s'] is None and result['compile_speedup'] is None
 
 
 def test_auto_precision_follows_the_devices_native_support(tmp_path, monkeypatch, capsys):
@@ -702,6 +729,49 @@ def test_fp16_skips_steps_with_non_finite_gradients_and_logs_them(tmp_path, caps
     assert 'fp16: step 20 skipped, gradients not finite (GradScaler scale 0.125 -> 0.0625)' in capsys.readouterr().out
     ckpt = torch.load(tmp_path / 'b' / 'checkpoint.pt', weights_only=True)  # skipped steps leave the weights as they were
     assert ckpt['step'] == 10 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+@pytest.mark.parametrize('method,flags', [('m2d_clap', ['--accum', '2', '--amp', 'bf16']),  # EMA, clamp, captions
+                                          ('supmam', ['--amp', 'fp16'])])  # BatchNorm, local decoder, GradScaler
+def test_compiled_step_compiles_once_equals_eager_and_resumes_either_way(tmp_path, capsys, monkeypatch, method, flags):
+    """--compile, one method of each family: compiled in the first step and never again (random masks, micro-steps,
+    the EMA, the clamp, the fp16 scaler); the same loss terms and weights as eager; a checkpoint with
+    eager's layout, and either mode resumes the other's. aot_eager: dynamo's and AOTAutograd's graphs without
+    inductor's C++ build (two minutes on 2 cores); docs/performance.md compares inductor with eager."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setitem(M.VIT_PRESETS, 'vit_tiny', {**M.VIT_PRESETS['vit_tiny'], 'depth': 2})  # compiles in seconds
+    args = ['--steps', '4', '--save_every', '2', '--blr', '0.05', *flags]  # lr 8e-4: the weights move
+    run = functools.partial(run_train, capsys, method=method)
+    real_save, real_step, frames = run_tools.save_checkpoint, train.train_step, []
+
+    def save_and_keep_step_2(path, state):
+        real_save(path, state)
+        if state['step'] == 2:
+            shutil.copy(path, tmp_path / f"step2_{'compiled' if frames else 'eager'}.pt")
+    monkeypatch.setattr(run_tools, 'save_checkpoint', save_and_keep_step_2)
+    run(tmp_path / 'eager', *args)
+    monkeypatch.setattr(train, 'train_step', lambda *a: (real_step(*a), frames.append(counters['frames']['total']))[0])
+    torch._dynamo.reset()
+    counters.clear()
+    run(tmp_path / 'compiled', *args, '--compile', 'aot_eager')
+    assert frames[0] >= 1 and frames == frames[:1] * 4  # every graph compiled in step 1, none recompiled
+    for first, then in (('compiled', 'eager'), ('eager', 'compiled')):  # resume the other mode's step-2 checkpoint
+        os.makedirs(tmp_path / f'{first}_{then}')
+        shutil.copy(tmp_path / f'step2_{first}.pt', tmp_path / f'{first}_{then}' / 'checkpoint.pt')
+        run(tmp_path / f'{first}_{then}', *args, '--resume', *(['--compile', 'aot_eager'] if then == 'compiled' else []))
+    eager = [json.loads(line) for line in open(tmp_path / 'eager' / 'log.jsonl')]
+    weights = lambda path: torch.load(path, weights_only=True)['model']
+    flat = lambda m: torch.cat([v.float().flatten() for v in m.values() if v.is_floating_point()])
+    ref, step2 = weights(tmp_path / 'eager' / 'checkpoint.pt'), weights(tmp_path / 'step2_eager.pt')
+    for name in ('compiled', 'compiled_eager', 'eager_compiled'):
+        log = [json.loads(line) for line in open(tmp_path / name / 'log.jsonl')]  # steps 1-4, or 3-4 when resumed
+        assert [r['step'] for r in log] == [1, 2, 3, 4][-len(log):] and all(r[k] == pytest.approx(
+            e[k], rel=1e-2, abs=1e-3) for r, e in zip(log, eager[-len(log):]) for k in e if k.startswith('loss'))
+        model = weights(tmp_path / name / 'checkpoint.pt')
+        # bf16 rounding differs between the graphs, and Adam's first steps turn small gradient differences into whole
+        # lr-sized ones: measured 0.005-0.12 of the weights' own change in steps 3-4; a wrong gradient or update is ~1
+        assert model.keys() == ref.keys() and (flat(model) - flat(ref)).norm() < 0.25 * (flat(ref) - flat(step2)).norm()
+    assert frames[-2:] == frames[-1:] * 2  # the compiled resume: nothing compiled after its first step (step 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1651,8 +1721,9 @@ def test_linear_and_finetune_on_the_demo_set(tmp_path, capsys):
 
 
 LINEAR_THEN_SIGNAL_ON_RANK_1 = '''
-import os, sys, finetune
+import os, sys, finetune, model
 from tools.run import init_distributed
+model.VIT_PRESETS['vit_tiny'] = {**model.VIT_PRESETS['vit_tiny'], 'depth': 2}  # as SHALLOW
 real, calls = finetune.any_rank_signal, []
 def signal_on_rank_1(got, ddp):  # as if rank 1 got SIGTERM during its first fine-tuning step
     calls.append(1)
@@ -1667,11 +1738,13 @@ finetune.evaluate(finetune.get_args(sys.argv[cut + 1:]), device, (ddp, rank, siz
 '''
 
 
-def test_finetune_and_linear_under_torchrun_equal_one_process_on_the_global_batch(tmp_path, capsys):
+def test_finetune_and_linear_under_torchrun_equal_one_process_on_the_global_batch(tmp_path, capsys, monkeypatch):
     """Fine-tuning, 2 gloo processes x batch 4 against 1 process x batch 8 (augmentations off; the head's BatchNorm sees
-    the global batch), the 2-process run stopped by a signal on one rank after its first step and resumed: the same
-    model, within float tolerance. Linear evaluation with the features shared out between 2 processes: the same head."""
+    the global batch), the 2-process run stopped by a signal on one rank after its first step and resumed compiled
+    (--compile, no recompilation): the same model, within float tolerance. Linear evaluation with the features shared
+    out between 2 processes: the same head."""
     manifest = tone_manifest(tmp_path)  # 11 training clips after the validation carve: one step of 8 either way
+    monkeypatch.setitem(M.VIT_PRESETS, 'vit_tiny', {**M.VIT_PRESETS['vit_tiny'], 'depth': 2})  # as SHALLOW
     flags = ['--ckpt', 'none', '--model', 'vit_tiny', '--mode', 'finetune', '--epochs', '2', '--warmup', '0', '--data',
              manifest, '--num_workers', '0', '--amp', 'none', '--mixup', '0', '--no-rrc', '--freq_mask', '0',
              '--time_mask', '0', '--patchout', '0', '0']
@@ -1693,16 +1766,17 @@ def test_finetune_and_linear_under_torchrun_equal_one_process_on_the_global_batc
     assert two_linear['test'] == pytest.approx(one_linear['test'])
     state = torch.load(tmp_path / 'two' / 'resume.pt', weights_only=True)
     assert (state['world'], state['epoch'], state['batch_idx'], len(state['rng'])) == (2, 0, 1, 2)
-    out = subprocess.run([*two, 'finetune.py', *flags, '--batch_size', '4', '--out', str(tmp_path / 'two'), '--resume'],
-                         cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([*two, '--no-python', sys.executable, '-c', SHALLOW, 'finetune.py', *flags, '--batch_size', '4',
+                          '--out', str(tmp_path / 'two'), '--resume',
+                          '--compile', 'aot_eager'], cwd=HERE, capture_output=True, text=True, timeout=300)  # compiled
+    assert out.returncode == 0 and 'Recompiling' not in out.stderr, out.stderr[-3000:]
     two = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = (torch.load(tmp_path / d / 'best_split.pt', weights_only=True) for d in ('one', 'two'))
     assert a['epoch'] == b['epoch'] and a['model'].keys() == b['model'].keys()
     a, b = a['model'], b['model']
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=2e-5) for k in a)
     assert a['head.0.running_mean'].abs().sum() > 0  # the head's BatchNorm saw the batch (all 8 clips, both ways)
-    assert two['test'] == pytest.approx(one['test']) and 'cpu x 2' in out.stdout
+    assert two['test'] == pytest.approx(one['test']) and 'cpu x 2, amp none, compiled (aot_eager)' in out.stdout
     assert abs(last_loss(out.stdout) - one_loss) <= 1.5e-4  # both printed to 4 decimals
 
 

@@ -33,8 +33,8 @@ from tools.bench import bench
 from tools.checkpoints import load_file, load_state, part, read_checkpoint
 from tools.demo import DEMO_FRAMES
 from tools.htsat import clap_teacher
-from tools.run import (AMP_DTYPES, Run, any_rank_signal, given_flags, init_distributed, keep_freed_memory,
-                       resolve_amp, set_rng_state, shared_flags, stop_on_signals, warmup_cosine)
+from tools.run import (AMP_DTYPES, Run, any_rank_signal, compile_flag, compile_training, given_flags, init_distributed,
+                       keep_freed_memory, resolve_amp, set_rng_state, shared_flags, stop_on_signals, warmup_cosine)
 from tools.sentence import OFFLINE_TEXT_ENCODER, SentenceEncoder, pooling_of
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +185,7 @@ def get_args(argv=None):
     g.add_argument('--keep_every', type=int, default=0, metavar='N',
                    help="also keep the model's weights every N steps as <out>/step<N>.pt (for learning curves)")
     g.add_argument('--bench', type=int, default=0, metavar='N', help='time N training steps, print one JSON line, exit')
+    compile_flag(g)
     known = p.parse_known_args(argv)[0]
     if known.stage == 2 and known.method != 'm2d2':
         p.error('--stage 2 exists for --method m2d2 only')
@@ -417,10 +418,12 @@ def train(args, run):
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != 'none')
     state = restore(args, run, raw_model, optimizer, scheduler, scaler, ts)
     model = DDP(raw_model, device_ids=[device.index] if device.type == 'cuda' else None) if run.ddp else raw_model
+    if args.compile:
+        compile_training(model, args.compile)
     n_params = sum(p.numel() for p in params)
     say(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M trainable params) | {ts.manifest}: {len(ts.dataset)} clips "
         f"| {ts.frontend.name} {cfg.n_frames} frames, norm ({ts.frontend.mean:.3f}, {ts.frontend.std:.3f}) | {device}, "
-        f"amp {amp}{' (auto)' if args.amp == 'auto' else ''}")
+        f"amp {amp}{' (auto)' if args.amp == 'auto' else ''}{f', compiled ({args.compile})' if args.compile else ''}")
     if ts.texts:
         encoded = f", {args.text_encoder} embeddings ({text_dim}-d)" if text_dim else f" for {args.text_encoder}"
         say(f"captions: {len(ts.texts)} distinct texts{encoded}")
@@ -433,7 +436,8 @@ def train(args, run):
         def teacher_alone():
             with autocast:
                 return teacher(batch[2], cfg.grid)
-        return bench(args, device, run.world, cfg.n_frames,
+        tokens = 1 + int(cfg.grid[0] * cfg.grid[1] * (1 - raw_model.mask_ratio))  # CLS and the visible patches
+        return bench(args, device, run.world, cfg, tokens,
                      lambda: train_step(model, itertools.repeat(batch), ts.frontend, teacher, optimizer, scheduler,
                                         scaler, autocast, args, 0, 1), teacher_alone if teacher else None,
                      lambda: data.epoch_loader(ts.dataset, args.batch_size, 0, 0, run.rank, run.world, args.seed,

