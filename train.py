@@ -6,8 +6,8 @@
 A method is a PRESETS entry (its flag defaults, from the papers) and a model class in model.py whose forward
 returns the method's named loss terms. `train_step` below is one optimizer step: it sums the terms with their
 lambdas, steps the optimizer and runs the method's after-step update; `train` loops over it, logs and saves.
-Plumbing (DDP set-up, atomic checkpoints, signals, cross-rank checks) is in tools/run.py and at the end of this
-file; the benchmark in tools/bench.py. The last stdout line of a run is one JSON object.
+Plumbing (DDP set-up, atomic checkpoints, --init and --resume, signals, cross-rank checks) is in tools/run.py and at
+the end of this file; the benchmark in tools/bench.py. The last stdout line of a run is one JSON object.
 """
 import argparse
 import functools
@@ -28,13 +28,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import M2D, VIT_PRESETS, AudioMAE, CLAPStage2, ViTConfig, clamp_logit_scale
+from model import M2D, VIT_PRESETS, AudioMAE, CLAPStage2, ViTConfig, clamp_logit_scale, random_masking
 from tools.bench import bench
-from tools.checkpoints import load_file, load_state, part, read_checkpoint
 from tools.demo import DEMO_FRAMES
 from tools.htsat import clap_teacher
 from tools.run import (AMP_DTYPES, Run, any_rank_signal, compile_flag, compile_training, given_flags, init_distributed,
-                       keep_freed_memory, resolve_amp, set_rng_state, shared_flags, stop_on_signals, warmup_cosine)
+                       keep_freed_memory, resolve_amp, restore, shared_flags, stop_on_signals, warmup_cosine)
 from tools.sentence import OFFLINE_TEXT_ENCODER, SentenceEncoder, pooling_of
 
 # ---------------------------------------------------------------------------------------------
@@ -279,63 +278,6 @@ def batches(ts, args, epoch, batch_idx, rank, world, device, run):
 
 
 # ---------------------------------------------------------------------------------------------
-# Starting points: --init (another checkpoint's encoder) and --resume (this run's checkpoint)
-
-def init_from(args, run, raw_model, frontend):
-    """--init: the encoder (and normalization stats) of another checkpoint, ours or an official release; all of a
-    stage-2 model for stage 2 (stage 2.1 continues stage 2)."""
-    ckpt = read_checkpoint(args.init, args.trust_checkpoint)
-    enc = part(ckpt['model'], 'encoder.')
-    if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
-        # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
-        # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
-        run.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
-                f"{tuple(raw_model.encoder.pos_embed.shape)}")
-        enc['pos_embed'] = raw_model.encoder.pos_embed
-    whole = args.arch == 'clap' and 'audio_proj.sem_token' in ckpt['model']
-    if whole:
-        load_state(raw_model, {**ckpt['model'], **{'encoder.' + k: v for k, v in enc.items()}}, args.init)
-    else:
-        load_state(raw_model.encoder, enc, args.init)
-    if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
-        frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
-    run.say(f"initialized the {'whole model' if whole else 'encoder'} from {args.init} ({ckpt['args']['method']}, "
-            f"stage {ckpt['args'].get('stage', 1)})")
-
-
-def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
-    """--init (init_from), then --resume: everything of this run's checkpoint. Returns where the loop starts: step,
-    loader position, last record and partial logging window."""
-    frontend = ts.frontend
-    if args.init:
-        init_from(args, run, raw_model, frontend)
-    if not (args.resume and os.path.exists(run.ckpt_path)):
-        if args.resume:
-            run.say(f"--resume: no checkpoint at {run.ckpt_path}; starting from scratch")
-        elif args.norm_stats == 'data':
-            frontend.mean, frontend.std = data.norm_stats_from_data(frontend, ts.dataset, run.device)
-        return dict(step=0, epoch=0, batch_idx=0, record={}, window={})
-    ckpt = load_file(run.ckpt_path, args.trust_checkpoint)
-    method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)
-    if (method, stage) != (args.method, args.stage):
-        raise SystemExit(f"error: {run.ckpt_path} is a {method} (stage {stage}) checkpoint, not {args.method} "
-                         f"(stage {args.stage})")
-    proj = ckpt['model'].get('audio_proj.2.weight')  # (joint width, D)
-    if proj is not None and len(proj) != raw_model.encoder.cfg.width:
-        raise SystemExit(f"error: {run.ckpt_path} projects audio to the sentence width, as this project did before it "
-                         "followed the authors' joint space; zero-shot and fine-tuning read it, training cannot continue it")
-    load_state(raw_model, ckpt['model'], run.ckpt_path)
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scheduler.load_state_dict(ckpt['scheduler'])
-    scaler.load_state_dict(ckpt['scaler'])
-    frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
-    set_rng_state(ckpt['rng'], run.rank, run.world, run.device, run.say)
-    run.saved = run.checked = ckpt['step']
-    run.say(f"resumed from {run.ckpt_path} at step {ckpt['step']}")
-    return {k: ckpt[k] for k in ('step', 'epoch', 'batch_idx', 'record', 'window')}
-
-
-# ---------------------------------------------------------------------------------------------
 # One training step
 
 def train_step(model, batches, frontend, teacher, optimizer, scheduler, scaler, autocast, args, step, total_steps):
@@ -436,7 +378,7 @@ def train(args, run):
         def teacher_alone():
             with autocast:
                 return teacher(batch[2], cfg.grid)
-        tokens = 1 + int(cfg.grid[0] * cfg.grid[1] * (1 - raw_model.mask_ratio))  # CLS and the visible patches
+        tokens = 1 + random_masking(1, cfg.grid[0] * cfg.grid[1], raw_model.mask_ratio, 'cpu')[0].shape[1]  # CLS + K
         return bench(args, device, run.world, cfg, tokens,
                      lambda: train_step(model, itertools.repeat(batch), ts.frontend, teacher, optimizer, scheduler,
                                         scaler, autocast, args, 0, 1), teacher_alone if teacher else None,

@@ -35,6 +35,13 @@ def eager(fn, n, device):
         return timed(fn, n, device)
 
 
+def flops(fn):
+    """The FLOPs of one call of fn, counted eagerly (a compiled graph would hide its ops from the counter)."""
+    with torch.compiler.set_stance('force_eager'), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def matmul_peak(device, dtype, seconds=0.2):
     """The device's measured dense matmul throughput in TFLOP/s: square matmuls of the given dtype, as large as take
     10 ms each (at most 8192 on a GPU, 2048 on a CPU), the best of 5 trials of about `seconds` each (the best, because
@@ -70,9 +77,7 @@ def plain_stack(cfg, batch, tokens, device, amp, n, backend=None):
         opt.zero_grad(set_to_none=True)
     for _ in range(3):
         step()
-    with torch.compiler.set_stance('force_eager'), FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops() / timed(step, n, device) / 1e12
+    return flops(step) / timed(step, n, device) / 1e12
 
 
 def bench(args, device, world, cfg, tokens, step, teacher, loader):
@@ -85,13 +90,9 @@ def bench(args, device, world, cfg, tokens, step, teacher, loader):
     first_step_s = time.perf_counter() - t
     for _ in range(2):  # warm-up
         step()
-    with torch.compiler.set_stance('force_eager'), FlopCounterMode(display=False) as counter:  # counted eagerly
-        step()  # (also the eager path's warm-up under --compile)
-    flops, teacher_s = counter.get_total_flops(), 0.0
+    student, teacher_s = flops(step), 0.0  # (also the eager path's warm-up under --compile)
     if teacher:
-        with FlopCounterMode(display=False) as counter:
-            teacher()
-        flops -= counter.get_total_flops()
+        student -= flops(teacher)
         teacher_s = timed(teacher, args.bench, device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -100,7 +101,7 @@ def bench(args, device, world, cfg, tokens, step, teacher, loader):
         step_s, eager_s = (statistics.median(r[i] for r in rounds) for i in (0, 1))
     else:
         step_s, eager_s = timed(step, args.bench, device), None
-    tflops = flops / (step_s - teacher_s) / 1e12
+    tflops = student / (step_s - teacher_s) / 1e12
     amp = resolve_amp(args.amp, device)
     peak = matmul_peak(device, AMP_DTYPES[amp])
     anchor = plain_stack(cfg, args.batch_size, tokens, device, amp, args.bench, args.compile)

@@ -1,7 +1,7 @@
 """Run plumbing shared by the entry points: the command-line flags they have in common, the device and DDP
 set-up, the lr schedule, atomic checkpoints, log trimming, stop signals, BatchNorm across DDP processes, finetune.py's
-resumable state, and `Run`: train.py's output folder, logging window and the cross-rank checks at every log and
-checkpoint step.
+resumable state, `Run`: train.py's output folder, logging window and the cross-rank checks at every log and
+checkpoint step, and train.py's starting points (--init, --resume).
 None of it is in the papers; it is what keeps a long run safe (docs/reliability.md says what each guarantees)."""
 import argparse
 import ctypes
@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 import data
-from tools.checkpoints import load_file
+from tools.checkpoints import load_file, load_state, part, read_checkpoint
 
 
 def shared_flags(p, amp=('auto', 'bf16', 'none'), seed=True):
@@ -406,3 +406,60 @@ class Run:
             log.flush()
             bar.set_postfix(loss=f"{record.get('loss', math.nan):.4f}")
             tqdm.write(' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's starting points: --init (another checkpoint's encoder) and --resume (this run's checkpoint)
+
+def init_from(args, run, raw_model, frontend):
+    """--init: the encoder (and normalization stats) of another checkpoint, ours or an official release; all of a
+    stage-2 model for stage 2 (stage 2.1 continues stage 2)."""
+    ckpt = read_checkpoint(args.init, args.trust_checkpoint)
+    enc = part(ckpt['model'], 'encoder.')
+    if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
+        # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
+        # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
+        run.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
+                f"{tuple(raw_model.encoder.pos_embed.shape)}")
+        enc['pos_embed'] = raw_model.encoder.pos_embed
+    whole = args.arch == 'clap' and 'audio_proj.sem_token' in ckpt['model']
+    if whole:
+        load_state(raw_model, {**ckpt['model'], **{'encoder.' + k: v for k, v in enc.items()}}, args.init)
+    else:
+        load_state(raw_model.encoder, enc, args.init)
+    if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
+        frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
+    run.say(f"initialized the {'whole model' if whole else 'encoder'} from {args.init} ({ckpt['args']['method']}, "
+            f"stage {ckpt['args'].get('stage', 1)})")
+
+
+def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
+    """--init (init_from), then --resume: everything of this run's checkpoint. Returns where the loop starts: step,
+    loader position, last record and partial logging window."""
+    frontend = ts.frontend
+    if args.init:
+        init_from(args, run, raw_model, frontend)
+    if not (args.resume and os.path.exists(run.ckpt_path)):
+        if args.resume:
+            run.say(f"--resume: no checkpoint at {run.ckpt_path}; starting from scratch")
+        elif args.norm_stats == 'data':
+            frontend.mean, frontend.std = data.norm_stats_from_data(frontend, ts.dataset, run.device)
+        return dict(step=0, epoch=0, batch_idx=0, record={}, window={})
+    ckpt = load_file(run.ckpt_path, args.trust_checkpoint)
+    method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)
+    if (method, stage) != (args.method, args.stage):
+        raise SystemExit(f"error: {run.ckpt_path} is a {method} (stage {stage}) checkpoint, not {args.method} "
+                         f"(stage {args.stage})")
+    proj = ckpt['model'].get('audio_proj.2.weight')  # (joint width, D)
+    if proj is not None and len(proj) != raw_model.encoder.cfg.width:
+        raise SystemExit(f"error: {run.ckpt_path} projects audio to the sentence width, as this project did before it "
+                         "followed the authors' joint space; zero-shot and fine-tuning read it, training cannot continue it")
+    load_state(raw_model, ckpt['model'], run.ckpt_path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scheduler.load_state_dict(ckpt['scheduler'])
+    scaler.load_state_dict(ckpt['scaler'])
+    frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
+    set_rng_state(ckpt['rng'], run.rank, run.world, run.device, run.say)
+    run.saved = run.checked = ckpt['step']
+    run.say(f"resumed from {run.ckpt_path} at step {ckpt['step']}")
+    return {k: ckpt[k] for k in ('step', 'epoch', 'batch_idx', 'record', 'window')}
