@@ -1,17 +1,16 @@
 """Audio data: CSV manifests, decoding, random crops, the two front-ends, class and caption targets.
 
 Workers only decode and crop waveforms; log-mel features are computed afterwards, batched
-on the training device, by `FrontEnd`. Spectrograms are (B, 1, F, T): F mel bins, T frames.
+on the training device, by `FrontEnd`. (Caption embeddings are cached by tools/sentence.py, whole
+clips run through an encoder by tools/embed.py.) Spectrograms are (B, 1, F, T): F mel bins, T frames.
 Manifest columns: file (required), label (`;`-separated), caption (`|`-separated), split
 (train/valid/test), fold (int), weight (>= 0: balanced sampling in training).
 """
 import csv
 import math
 import os
-import re
 import signal
 import sys
-import tempfile
 
 import numpy as np
 import soundfile as sf
@@ -19,7 +18,6 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
 from tools import demo, synth
 
@@ -30,8 +28,8 @@ EPS = torch.finfo(torch.float32).eps
 # name: mel bins, training crop in frames, default normalization (mean, std), and the factor
 # applied to a data-computed std (AudioMAE/AST divide by 2·std, hence std_mult=2).
 FRONTENDS = {
-    'fbank128': dict(n_mels=128, n_frames=1024, mean=-4.2677393, std=4.5689974 * 2, std_mult=2.0),  # ref: AudioMAE
-    'mel80': dict(n_mels=80, n_frames=608, mean=-7.1, std=4.2, std_mult=1.0),  # ref: M2D
+    'fbank128': dict(n_mels=128, n_frames=1024, mean=-4.2677393, std=4.5689974 * 2, std_mult=2.0),  # AudioMAE
+    'mel80': dict(n_mels=80, n_frames=608, mean=-7.1, std=4.2, std_mult=1.0),  # M2D
 }
 
 
@@ -48,10 +46,11 @@ class FrontEnd(torch.nn.Module):
         self.mean = cfg['mean'] if mean is None else float(mean)
         self.std = cfg['std'] if std is None else float(std)
         if name == 'fbank128':
-            # torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False, window_type='hanning',
-            # num_mel_bins=128, dither=0, frame_shift=10): 25 ms frames, FFT 512, kaldi mel banks 20 Hz-8 kHz.
-            banks, _ = torchaudio.compliance.kaldi.get_mel_banks(128, 512, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
-            self.register_buffer('mel_fb', F.pad(banks, (0, 1)), persistent=False)  # (128, 257), Nyquist bin unused
+            # kaldi.fbank(htk_compat=True, use_energy=False, window_type='hanning', num_mel_bins=128,
+            # dither=0, frame_shift=10): 25 ms frames, FFT 512, kaldi mel banks 20 Hz-8 kHz (AudioMAE)
+            kaldi = torchaudio.compliance.kaldi
+            banks, _ = kaldi.get_mel_banks(128, 512, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+            self.register_buffer('mel_fb', F.pad(banks, (0, 1)), persistent=False)  # (128, 257)
             self.register_buffer('window', torch.hann_window(400, periodic=False), persistent=False)
         else:
             self.melspec = torchaudio.transforms.MelSpectrogram(
@@ -69,7 +68,8 @@ class FrontEnd(torch.nn.Module):
         return (frames - 1) * HOP  # centered STFT: frames = 1 + L // 160
 
     def frame_seconds(self, index):
-        """Time of frame `index` (a number or tensor; fractions interpolate): the center of its 400-sample window."""
+        """Time of frame `index` (a number or tensor; fractions interpolate): the center of its
+        400-sample window."""
         return (index * HOP + (200 if self.name == 'fbank128' else 0)) / SAMPLE_RATE
 
     @torch.autocast('cuda', enabled=False)
@@ -82,7 +82,7 @@ class FrontEnd(torch.nn.Module):
         x = wave - wave.mean(1, keepdim=True)  # AudioMAE removes the waveform mean first
         frames = x.unfold(1, 400, HOP)  # (B, T, 400)
         frames = frames - frames.mean(-1, keepdim=True)  # kaldi remove_dc_offset
-        frames = frames - 0.97 * torch.cat([frames[..., :1], frames[..., :-1]], -1)  # kaldi pre-emphasis
+        frames = frames - 0.97 * torch.cat([frames[..., :1], frames[..., :-1]], -1)  # pre-emphasis
         power = torch.fft.rfft(frames * self.window, n=512).abs().pow(2)  # (B, T, 257)
         return (power @ self.mel_fb.T).clamp_min(EPS).log().transpose(1, 2)  # (B, 128, T)
 
@@ -99,22 +99,24 @@ class FrontEnd(torch.nn.Module):
 def read_manifest(path, split=None):
     """Rows of a CSV manifest as dicts (file made absolute, labels and captions as lists).
 
-    With `split`, keeps the rows of that split when the manifest has a split column. UTF-8 (with or without a BOM);
-    header names are stripped of spaces; quoted fields may hold commas, quotes and line breaks; optional columns may
-    be absent or empty. A row without a file, a file that is not UTF-8 text or CSV, and a manifest without rows are
-    errors naming the line; rows that repeat a file are kept, each one sample, with a warning (docs/guide.md).
+    With `split`, keeps the rows of that split when the manifest has a split column. UTF-8 (with or
+    without a BOM); header names are stripped of spaces; quoted fields may hold commas, quotes and
+    line breaks; optional columns may be absent or empty. A row without a file, a file that is not
+    UTF-8 text or CSV, and a manifest without rows are errors naming the line; rows that repeat a
+    file are kept, each one sample, with a warning (docs/guide.md).
     """
     rows, seen, repeats = [], {}, []
     try:
         with open(path, newline='', encoding='utf-8-sig') as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames:
-                raise SystemExit(f"error: {path}: the manifest is empty. The first line must be a header such as: "
-                                 "file,label,caption,split")
+                raise SystemExit(f"error: {path}: the manifest is empty. The first line must be a "
+                                 "header such as: file,label,caption,split")
             reader.fieldnames = cols = [c.strip() for c in reader.fieldnames]
             if 'file' not in cols:
-                raise SystemExit(f"error: {path}: the manifest has no 'file' column (found columns: {cols}). "
-                                 "The first line must be a header such as: file,label,caption,split")
+                raise SystemExit(f"error: {path}: the manifest has no 'file' column (found columns: "
+                                 f"{cols}). The first line must be a header such as: "
+                                 "file,label,caption,split")
             root = os.path.dirname(os.path.abspath(path))
             for r in reader:
                 if not (r['file'] or '').strip():
@@ -122,28 +124,35 @@ def read_manifest(path, split=None):
                 if r['file'] in seen:
                     repeats.append(f"{r['file']} (lines {seen[r['file']]} and {reader.line_num})")
                 seen.setdefault(r['file'], reader.line_num)
-                rows.append(dict(file=os.path.join(root, r['file']),  # labels, split, fold: one string object each
-                                 labels=[sys.intern(s.strip()) for s in (r.get('label') or '').split(';') if s.strip()],
-                                 captions=[s.strip() for s in (r.get('caption') or '').split('|') if s.strip()],
+                weight = row_weight(r, path, reader.line_num) if 'weight' in cols else None
+                rows.append(dict(file=os.path.join(root, r['file']), labels=split_field(r, 'label', ';'),
+                                 captions=split_field(r, 'caption', '|', intern=False),
                                  split=sys.intern((r.get('split') or '').strip()),
-                                 fold=sys.intern((r.get('fold') or '').strip()),
-                                 weight=row_weight(r, path, reader.line_num) if 'weight' in cols else None))
+                                 fold=sys.intern((r.get('fold') or '').strip()), weight=weight))
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path}: not UTF-8 text ({e}); save the manifest as UTF-8")
     except csv.Error as e:
         raise SystemExit(f"error: {path}, line {reader.line_num}: not a valid CSV row ({e})")
     if repeats:
-        print(f"warning: {path}: {len(repeats)} row(s) repeat a file of an earlier row, e.g. {repeats[0]}; each row is "
-              "kept as its own sample", file=sys.stderr)
+        print(f"warning: {path}: {len(repeats)} row(s) repeat a file of an earlier row, e.g. "
+              f"{repeats[0]}; each row is kept as its own sample", file=sys.stderr)
     if split and 'split' in cols:
         rows = [r for r in rows if r['split'] == split]
     if not rows:
-        raise SystemExit(f"error: {path}: no rows" + (f" with split == {split!r}" if split and 'split' in cols else ''))
+        which = f" with split == {split!r}" if split and 'split' in cols else ''
+        raise SystemExit(f"error: {path}: no rows{which}")
     return rows
 
 
+def split_field(r, column, sep, intern=True):
+    """A column's `sep`-separated items, stripped, empty ones dropped; labels as one string object each."""
+    items = [s.strip() for s in (r.get(column) or '').split(sep) if s.strip()]
+    return [sys.intern(s) for s in items] if intern else items
+
+
 def row_weight(r, path, line):
-    """The `weight` column: a finite number >= 0, the row's relative chance to be drawn in training (balanced sampling)."""
+    """The `weight` column: a finite number >= 0, the row's relative chance to be drawn in training
+    (balanced sampling)."""
     try:
         w = float(r['weight'])
     except (TypeError, ValueError):
@@ -164,8 +173,9 @@ def multi_hot(lists, names):
 
 
 def class_targets(rows, source, classes=None):
-    """(class names, (n, C) multi-hot float targets) for rows that must each have a label. The class names are the
-    rows' own labels, sorted, unless `classes` (the training rows') is given; a label outside it is an error."""
+    """(class names, (n, C) multi-hot float targets) for rows that must each have a label. The class
+    names are the rows' own labels, sorted, unless `classes` (the training rows') is given; a label
+    outside it is an error."""
     unlabeled = [r['file'] for r in rows if not r['labels']]
     if unlabeled:
         raise SystemExit(f"error: {source}: {len(unlabeled)} of {len(rows)} rows have no label (e.g. {unlabeled[0]}); "
@@ -189,8 +199,8 @@ def row_captions(row):
 
 
 def caption_ids(rows, texts, source):
-    """(n_rows, max captions) ids into `texts`, padded with each row's first id, and (n_rows,) caption
-    counts; a method that needs captions refuses rows with neither a caption nor a label."""
+    """(n_rows, max captions) ids into `texts`, padded with each row's first id, and (n_rows,)
+    caption counts; a method that needs captions refuses rows with neither a caption nor a label."""
     missing = [r['file'] for r in rows if not row_captions(r)]
     if missing:
         raise SystemExit(f"error: {source}: {len(missing)} of {len(rows)} rows have neither a caption nor a label "
@@ -202,40 +212,41 @@ def caption_ids(rows, texts, source):
     return torch.tensor([i + i[:1] * (width - len(i)) for i in ids]), torch.tensor([len(i) for i in ids])
 
 
-def caption_embeddings(manifest, name, encode, progress=True, batch_size=256):
-    """Every caption text of the manifest (all splits) and its embedding by the frozen sentence
-    encoder `name`: (texts, (U, d_s) float32). Computed once with `encode` (list of str -> tensor)
-    and cached next to the manifest, keyed by the manifest and the encoder name; a later run reads
-    the cache as long as the manifest's texts are unchanged."""
-    texts = sorted({t for r in read_manifest(manifest) for t in row_captions(r)})
-    stem = os.path.splitext(os.path.basename(manifest))[0]
-    path = os.path.join(os.path.dirname(os.path.abspath(manifest)),
-                        f".{stem}.capemb.{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.pt")
-    if os.path.exists(path):
-        cache = torch.load(path, weights_only=True)
-        if cache['texts'] == texts:
-            return texts, cache['embeddings']
-    with torch.no_grad():
-        emb = torch.cat([encode(texts[i:i + batch_size]).float().cpu() for i in
-                         tqdm(range(0, len(texts), batch_size), desc=f'caption embeddings ({name})', disable=not progress)])
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')  # every DDP rank may write: atomic rename
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the caption-embedding cache next to {manifest} ({e}); copy the manifest "
-                         "to a writable folder (its file paths may be absolute)")
-    with os.fdopen(fd, 'wb') as f:
-        torch.save({'encoder': name, 'texts': texts, 'embeddings': emb}, f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return texts, emb
+# ---------------------------------------------------------------------------------------------
+# Evaluation splits (finetune.py)
+
+def folds(rows, source, seed):
+    """[(name, train, valid, test)]: one per `fold` value (that fold is the test set), else the
+    manifest's splits."""
+    if any(r['fold'] for r in rows):
+        if not all(r['fold'] for r in rows):
+            raise SystemExit(f"error: {source}: some rows have no 'fold'; K-fold needs one on every row")
+        names = sorted({r['fold'] for r in rows}, key=lambda f: (len(f), f))
+        return [(f'fold {k}', *carve([r for r in rows if r['fold'] != k], seed),
+                 [r for r in rows if r['fold'] == k]) for k in names]
+    split = {s: [r for r in rows if r['split'] == s] for s in ('train', 'valid', 'test')}
+    if not split['train'] or not split['test']:
+        found = ', '.join(f'{k}: {len(v)}' for k, v in split.items())
+        raise SystemExit(f"error: {source}: needs a 'fold' column, or a 'split' column with train and "
+                         f"test rows (found {found})")
+    train, valid = (split['train'], split['valid']) if split['valid'] else carve(split['train'], seed)
+    return [('split', train, valid, split['test'])]
+
+
+def carve(rows, seed, fraction=0.1):
+    """(train, valid): a seeded random `fraction` of the rows (at least one) becomes the validation
+    set (ours)."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = max(1, round(fraction * len(rows)))
+    return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
 
 
 def load_audio(path, n=None, rng=None):
     """Decode a file to a mono float32 waveform at 16 kHz, shape (L,).
 
-    With n, a 16 kHz file longer than n samples is decoded only in the crop crop_or_pad would take: from a
-    random start drawn from the numpy Generator rng, or from the start (ours, for speed: docs/performance.md).
-    Other files are decoded whole (and resampled), for crop_or_pad to crop.
+    With n, a 16 kHz file longer than n samples is decoded only in the crop crop_or_pad would take:
+    from a random start drawn from the numpy Generator rng, or from the start (ours, for speed:
+    docs/performance.md). Other files are decoded whole (and resampled), for crop_or_pad to crop.
     """
     with sf.SoundFile(path) as f:
         if n is not None and f.samplerate == SAMPLE_RATE and f.frames > n:
@@ -251,9 +262,11 @@ def load_audio(path, n=None, rng=None):
 
 
 def crop_or_pad(wave, n, rng=None):
-    """Random crop (with a numpy Generator) or start crop to n samples; short clips are zero-padded."""
+    """Random crop (with a numpy Generator) or start crop to n samples; short clips are
+    zero-padded."""
     if len(wave) < n:
-        return F.pad(wave, (0, n - len(wave)))  # pad in the waveform, not in the log domain (ours; AudioMAE pads the fbank)
+        # pad in the waveform, not in the log domain (ours; AudioMAE pads the fbank)
+        return F.pad(wave, (0, n - len(wave)))
     start = int(rng.integers(0, len(wave) - n + 1)) if rng is not None else 0
     return wave[start:start + n]
 
@@ -278,8 +291,8 @@ class AudioDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        """i: a row index, or (row index, draw) from balanced sampling, which may draw a row more than once per epoch
-        (each draw its own crop)."""
+        """i: a row index, or (row index, draw) from balanced sampling, which may draw a row more
+        than once per epoch (each draw its own crop)."""
         i, draw = i if isinstance(i, tuple) else (i, None)
         path = self.rows[i]['file']
         key = [self.seed, self.epoch, i] + ([draw] if draw is not None else [])
@@ -294,11 +307,12 @@ class AudioDataset(Dataset):
             return {'bad': path}
         if self.whole:
             return {'wave': F.pad(wave, (0, max(self.n_samples - len(wave), 0))), 'index': i}
-        return {'wave': crop_or_pad(wave, self.n_samples, rng), 'index': i}  # a no-op when decoded as a crop
+        return {'wave': crop_or_pad(wave, self.n_samples, rng), 'index': i}  # no-op after a crop
 
 
 def check_bad(bad, total, max_bad):
-    """Unreadable files are skipped with a warning until they are more than max_bad of all `total` (ours)."""
+    """Unreadable files are skipped with a warning until they are more than max_bad of all `total`
+    (ours)."""
     if len(bad) > max_bad * total:
         raise SystemExit(f"error: {len(bad)} of {total} audio files could not be read (more than --max_bad {max_bad}), "
                          f"e.g. {sorted(bad)[:3]}")
@@ -313,64 +327,37 @@ def collate(items):
 
 
 def ignore_stop_signals(worker_id):
-    """Loader workers leave SIGINT/SIGTERM to the main process (Ctrl-C and schedulers signal every process): it
-    finishes the step and saves a checkpoint, and needs its workers alive until then."""
+    """Loader workers leave SIGINT/SIGTERM to the main process (Ctrl-C and schedulers signal every
+    process): it finishes the step and saves a checkpoint, and needs its workers alive until
+    then."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def epoch_loader(dataset, batch_size, epoch, skip=0, rank=0, world=1, seed=0, num_workers=2, pin_memory=False):
-    """DataLoader for one epoch: DistributedSampler order for (seed, epoch), the first `skip` batches dropped.
-
-    The sampler shuffles identically on every rank and gives each rank its own shard; with one
-    process it is a plain seeded shuffle. With row weights (a manifest's `weight` column), the epoch is instead
-    len(dataset) draws with replacement, each row with probability weight / sum (balanced sampling, e.g. AudioSet's
-    inverse label frequencies), seeded by (seed, epoch) and dealt to the ranks in turn. The loader gets its own
-    generator so it never draws from the global torch RNG (which drives masking and must replay exactly on resume).
+    """DataLoader for one epoch: DistributedSampler order for (seed, epoch), the first `skip`
+    batches dropped. The sampler shuffles identically on every rank and gives each rank its own shard; with one
+    process it is a plain seeded shuffle. With row weights (a manifest's `weight` column), the epoch
+    is instead len(dataset) draws with replacement, each row with probability weight / sum (balanced
+    sampling, e.g. AudioSet's inverse label frequencies), seeded by (seed, epoch) and dealt to the
+    ranks in turn. The loader gets its own generator so it never draws from the global torch RNG
+    (which drives masking and must replay exactly on resume).
     """
     dataset.epoch = epoch  # read by the (forked) workers when the iterator starts
     if dataset.weights is None:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
         sampler.set_epoch(epoch)
         order = list(sampler)[skip * batch_size:]
     else:
         g = torch.Generator().manual_seed(seed + epoch)  # as DistributedSampler seeds its shuffle
-        draws = torch.multinomial(dataset.weights, len(dataset) // world * world, replacement=True, generator=g)
-        order = [(i, k) for k, i in enumerate(draws.tolist())][rank::world][skip * batch_size:]  # (row, draw number)
+        n = len(dataset) // world * world
+        draws = torch.multinomial(dataset.weights, n, replacement=True, generator=g)
+        draws = [(i, k) for k, i in enumerate(draws.tolist())]  # (row, draw number)
+        order = draws[rank::world][skip * batch_size:]
     return DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True, num_workers=num_workers,
                       collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator(),
                       worker_init_fn=ignore_stop_signals)
-
-
-@torch.no_grad()
-def clip_outputs(fn, rows, frontend, device, bf16, batch_size, num_workers, max_bad, min_frames, desc):
-    """fn(spec (B, 1, F, T)) -> (B, X) over every readable clip of `rows`, whole (zero-padded in the waveform to at least
-    min_frames), decoded by workers, batched by equal length on the device, under bf16 autocast if bf16. Returns
-    (n_good, X) in row order and the indices of the good rows; unreadable clips are skipped with a warning, up to
-    max_bad of them."""
-    dataset = AudioDataset(rows, frontend.samples_for(min_frames), random_crop=False, whole=True)
-    outs, bad = {}, []
-    for items in tqdm(DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=list), desc=desc, leave=False):
-        bad += [it['bad'] for it in items if 'bad' in it]
-        items = [it for it in items if 'wave' in it]
-        for length in sorted({len(it['wave']) for it in items}):
-            group = [it for it in items if len(it['wave']) == length]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                y = fn(frontend(torch.stack([it['wave'] for it in group]).to(device))).float().cpu()
-            outs.update({it['index']: o for it, o in zip(group, y)})
-    if bad:
-        print(f"warning: {desc}: skipped {len(bad)} unreadable clip(s) of {len(rows)}", file=sys.stderr)
-    check_bad(bad, len(rows), max_bad)
-    good = sorted(outs)
-    return torch.stack([outs[i] for i in good]), good
-
-
-def check_finite(outputs, rows, source):
-    """Stop when the encoder's outputs (n, X) for `rows` are not finite: a broken checkpoint, not bad audio."""
-    broken = [r['file'] for r, o in zip(rows, outputs) if not torch.isfinite(o).all()]
-    if broken:
-        raise SystemExit(f"error: {source}: the encoder's outputs are not finite for {len(broken)} of {len(rows)} clips "
-                         f"(e.g. {broken[0]}); the checkpoint's weights are probably broken (NaN/Inf)")
 
 
 @torch.no_grad()
@@ -400,8 +387,8 @@ def builtin(data):
 
 
 def default_frames(data, frontend):
-    """The crop length when --n_frames is not given: 192 frames on the built-in sets (2 s clips), else the
-    front-end's."""
+    """The crop length when --n_frames is not given: 192 frames on the built-in sets (2 s clips),
+    else the front-end's."""
     return demo.DEMO_FRAMES if builtin(data) else FRONTENDS[frontend]['n_frames']
 
 

@@ -1,7 +1,15 @@
-"""The fine-tuning augmentations of finetune.py, batched on the device: SpecAugment, random resize crop (ref: EVAR)
-and mixup."""
+"""The fine-tuning augmentations of finetune.py, batched on the device: SpecAugment, random resize crop (ref: EVAR),
+mixup, and patch-out (structured masking of the tokens)."""
 import torch
 import torch.nn.functional as F
+
+from model import split_order
+
+# Patch-out (fraction of time columns, of frequency rows) per front-end family: AudioMAE fine-tunes
+# with 0.2/0.2 (ref); M2D masks 0.5 in total, split at random between rows and columns per batch
+# (ref) -- we fix 0.4 of the columns and 0.2 of the rows (52 % masked), to keep one
+# structured-masking rule (ours).
+PATCHOUT = {'fbank128': (0.2, 0.2), 'mel80': (0.4, 0.2)}
 
 
 def spec_augment(spec, max_f, max_t):
@@ -44,3 +52,15 @@ def mixup(spec, y, alpha):
     perm = torch.randperm(len(spec), device=spec.device)
     return (lam.view(-1, 1, 1, 1) * spec + (1 - lam.view(-1, 1, 1, 1)) * spec[perm],
             lam[:, None] * y + (1 - lam[:, None]) * y[perm])
+
+
+def structured_masking(B, grid, t_ratio, f_ratio, device):
+    """Mask whole time columns and frequency rows (fine-tuning patch-out); same K for every sample.
+    Returns as random_masking, the visible tokens in grid order."""
+    Fp, Tp = grid
+    nf, nt = int(Fp * f_ratio), int(Tp * t_ratio)
+    rows = torch.rand(B, Fp, device=device).argsort(1) < nf  # (B, Fp) nf random rows masked
+    cols = torch.rand(B, Tp, device=device).argsort(1) < nt  # (B, Tp) nt random columns masked
+    mask = (rows[:, :, None] | cols[:, None, :]).flatten(1)  # (B, N)
+    ids_shuffle = mask.int().argsort(dim=1, stable=True)  # visible tokens first, in grid order
+    return split_order(ids_shuffle, (Fp - nf) * (Tp - nt))

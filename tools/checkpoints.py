@@ -121,6 +121,18 @@ def convert_official(ckpt, path):
 RELEASE_TEXT_ENCODERS = {'A': 'thenlper/gte-base', 'B': 'google-bert/bert-base-uncased', 'N': 'nvidia/NV-Embed-v2'}
 
 
+def encoder_state(ckpt, encoder, say, source):
+    """The encoder's weights in a read_checkpoint() dict, for `encoder`. Fixed sin-cos position embeddings
+    depend only on each patch's (f, t) index: on another grid, the encoder's own table equals the checkpoint's
+    on the shared positions and extends it to the others (ours; exact, unlike interpolation)."""
+    enc = part(ckpt['model'], 'encoder.')
+    if 'pos_embed' in enc and enc['pos_embed'].shape != encoder.pos_embed.shape:
+        say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {source}, using this grid's "
+            f"{tuple(encoder.pos_embed.shape)}")
+        enc['pos_embed'] = encoder.pos_embed
+    return enc
+
+
 def part(state, prefix):
     """The entries of a state dict under `prefix`, with the prefix removed: part(state, 'encoder.') is the encoder's."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -12,16 +12,20 @@ finetune.py and zeroshot.py compute them:
 is resampled to 16 kHz (as data.load_audio does for files). Long audio is cut into chunks of the model's input length
 (encode_clip); results are float32 on the model's device, computed under bf16 autocast on a GPU.
 """
+import sys
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import data
 from model import AudioToSemantic, ViT, ViTConfig
 from tools.checkpoints import load_state, part, read_checkpoint
+from tools.run import resolve_amp, share_outputs
 from tools.sentence import UNCASED_BERTS, SentenceEncoder, bert_from_state
 
 
@@ -123,7 +127,7 @@ class Encoder(nn.Module):
     def device(self):
         return self.encoder.pos_embed.device
 
-    # Spectrogram level: what finetune.py and zeroshot.py call inside data.clip_outputs (which decodes the files)
+    # Spectrogram level: what finetune.py and zeroshot.py call inside clip_outputs (which decodes the files)
 
     def tokens(self, spec, chunk=None):
         """(B, 1, F, T) -> patch tokens (B, Fp, T', D) of consecutive chunks (encode_clip)."""
@@ -163,7 +167,7 @@ class Encoder(nn.Module):
         wave = wave.reshape(-1, *wave.shape[-2:]).mean(1) if wave.ndim == 3 else wave.reshape(-1, wave.shape[-1])
         if sr != data.SAMPLE_RATE:
             wave = torchaudio.functional.resample(wave, sr, data.SAMPLE_RATE)
-        n = self.frontend.samples_for(self.encoder.cfg.patch)  # as data.clip_outputs: pad to one patch in the waveform
+        n = self.frontend.samples_for(self.encoder.cfg.patch)  # as clip_outputs: pad to one patch in the waveform
         return self.frontend(F.pad(wave, (0, max(0, n - wave.shape[1]))))
 
     def _run(self, fn, *args):
@@ -199,3 +203,51 @@ class Encoder(nn.Module):
             self.text_spec = None  # the weights now live in text_encoder
         return torch.cat([F.normalize(self.text_proj(self.text_encoder(texts[i:i + batch_size])).float(), dim=-1)
                           for i in range(0, len(texts), batch_size)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole clips of a manifest through any function of the spectrogram (finetune.py, zeroshot.py)
+
+def clip_outputs(fn, rows, frontend, min_frames, desc, args, device, world=(False, 0, 1)):
+    """fn(spec (B, 1, F, T)) -> (B, X) over every readable clip of `rows`, whole (zero-padded in the waveform
+    to at least min_frames), under bf16 autocast where --amp resolves to it. Returns (n_good, X) in row order
+    and the indices of the good rows; unreadable clips are skipped with a warning, up to --max_bad of them.
+    Under torchrun (world = (ddp, rank, size)) each process encodes every size-th clip, and all receive all
+    outputs (tools/run.py share_outputs)."""
+    ddp, rank, size = world
+    mine = rows[rank::size]
+    bf16 = resolve_amp(args.amp, device, fp16=False) == 'bf16'
+    out, good = ([], []) if not mine else local_outputs(
+        fn, mine, frontend, device, bf16, args.batch_size, args.num_workers, 1.0 if ddp else args.max_bad,
+        min_frames, desc)
+    return share_outputs(out, good, rows, args.max_bad, world) if ddp else (out, good)
+
+
+@torch.no_grad()
+def local_outputs(fn, rows, frontend, device, bf16, batch_size, num_workers, max_bad, min_frames, desc):
+    """clip_outputs in one process: the clips decoded by workers, batched by equal length on the device."""
+    dataset = data.AudioDataset(rows, frontend.samples_for(min_frames), random_crop=False, whole=True)
+    outs, bad = {}, []
+    loader = DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=list)
+    for items in tqdm(loader, desc=desc, leave=False):
+        bad += [it['bad'] for it in items if 'bad' in it]
+        items = [it for it in items if 'wave' in it]
+        for length in sorted({len(it['wave']) for it in items}):
+            group = [it for it in items if len(it['wave']) == length]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                y = fn(frontend(torch.stack([it['wave'] for it in group]).to(device))).float().cpu()
+            outs.update({it['index']: o for it, o in zip(group, y)})
+    if bad:
+        print(f"warning: {desc}: skipped {len(bad)} unreadable clip(s) of {len(rows)}", file=sys.stderr)
+    data.check_bad(bad, len(rows), max_bad)
+    good = sorted(outs)
+    return torch.stack([outs[i] for i in good]), good
+
+
+def check_finite(outputs, rows, source):
+    """Stop when the encoder's outputs (n, X) for `rows` are not finite: a broken checkpoint, not
+    bad audio."""
+    broken = [r['file'] for r, o in zip(rows, outputs) if not torch.isfinite(o).all()]
+    if broken:
+        raise SystemExit(f"error: {source}: the encoder's outputs are not finite for {len(broken)} of {len(rows)} clips "
+                         f"(e.g. {broken[0]}); the checkpoint's weights are probably broken (NaN/Inf)")

@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 
 import data
+import losses
 from model import ViTConfig, patchify, unpatchify
 from tools.checkpoints import load_state, read_checkpoint
-from tools.embed import load_encoder
+from tools.embed import clip_outputs, load_encoder
 from tools.htsat import CLAPTeacher, clap_teacher
-from tools.run import pick_device, resolve_amp, shared_flags
+from tools.cli import shared_flags
+from tools.run import pick_device
 
 matplotlib.use('Agg')
 import matplotlib.lines  # noqa: E402  (after choosing the file-only backend)
@@ -39,12 +41,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 def pretraining_model(ckpt, path, device):
     """The whole pre-training model (decoder, predictor, target network) of one of our checkpoints, in eval mode."""
     import train  # the presets and build_model of the method that wrote it
-    args, run = Namespace(**ckpt['args']), ckpt.get('run', {})
-    teacher_dim = run.get('teacher_dim', CLAPTeacher.dim if ckpt['args'].get('target') == 'clap' else 0)  # 768: HTSAT
-    model = train.build_model(args, ViTConfig(**ckpt['model_config']), run.get('n_classes', 0), False,
-                              run.get('text_dim', 0), teacher_dim)
+    args, run = saved_args(ckpt), ckpt.get('run', {})
+    teacher_dim = run.get('teacher_dim', CLAPTeacher.dim if args.target == 'clap' else 0)  # 768: HTSAT
+    model = train.build_model(args, ViTConfig(**ckpt['model_config']), n_classes=run.get('n_classes', 0),
+                              text_dim=run.get('text_dim', 0), teacher_dim=teacher_dim)
     load_state(model, ckpt['model'], path)
     return model.to(device).eval()
+
+
+def saved_args(ckpt):
+    """A checkpoint's arguments over its method's preset (train.py), so that a checkpoint written before a preset
+    key existed names its model too."""
+    import train
+    saved = ckpt['args']
+    preset = {**train.PRESETS[saved['method']], **(train.STAGE2 if saved.get('stage', 1) == 2 else {})}
+    return Namespace(**{'target': None, **preset, **saved})
 
 
 @torch.no_grad()
@@ -80,20 +91,19 @@ def teacher_view(model, teacher, wave, spec):
 
 @torch.no_grad()
 def m2d_cosine(model, spec):
-    """M2D: (Fp, Tp) cosine between prediction and the standardized target on each masked patch, NaN where visible."""
+    """M2D: (Fp, Tp) cosine between prediction and the standardized target on each masked patch, NaN where visible:
+    1 - L_m2d / 2 of that patch alone (losses.m2d_loss, M2D-CLAP Eq. 1)."""
     _, pred, target, ids_masked = model.predict(spec)
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5  # as the loss
+    cos = [1 - losses.m2d_loss(pred[:, i:i + 1], target[:, i:i + 1]) / 2 for i in range(pred.shape[1])]
     grid = torch.full((model.encoder.cfg.grid[0] * model.encoder.cfg.grid[1],), float('nan'), device=spec.device)
-    grid[ids_masked[0]] = F.cosine_similarity(pred[0].float(), target[0].float(), dim=-1)
+    grid[ids_masked[0]] = torch.stack(cos).to(grid.dtype)
     return grid.view(model.encoder.cfg.grid).cpu().numpy()
 
 
 def similarity(enc, rows, source, args, device):
     """CLAP: cosine (n, C) of every readable clip with every class prompt, rows ordered by first label; the class names
     and each row's first label."""
-    bf16 = resolve_amp(args.amp, device, fp16=False) == 'bf16'
-    audio, good = data.clip_outputs(enc.audio_text, rows, enc.frontend, device, bf16, args.batch_size,
-                                    args.num_workers, args.max_bad, enc.encoder.cfg.patch, 'audio')
+    audio, good = clip_outputs(enc.audio_text, rows, enc.frontend, enc.encoder.cfg.patch, 'audio', args, device)
     rows = [rows[i] for i in good]
     classes = sorted({c for r in rows for c in r['labels']})
     if not classes:
@@ -206,15 +216,17 @@ def draw_checkpoint(path, args, device, manifest, rows):
     """Every figure that fits the checkpoint at path; returns the files written."""
     ckpt = read_checkpoint(path, args.trust_checkpoint)
     name = os.path.basename(os.path.dirname(os.path.abspath(path))) or 'checkpoint'
-    arch, written = ckpt['args'].get('arch'), []
-    if arch in ('mae', 'm2d'):
+    import train
+    ours = ckpt['args']['method'] in train.PRESETS  # not a release's encoder, nor a fine-tuned model
+    family, written = saved_args(ckpt).family if ours else None, []
+    if family in ('audiomae', 'm2d'):
         torch.manual_seed(args.seed)
         model = pretraining_model(ckpt, path, device)
         frontend = data.FrontEnd(**ckpt['frontend']).to(device)
         row = rows[args.clip % len(rows)]
         wave = data.crop_or_pad(data.load_audio(row['file']), frontend.n_samples)[None].to(device)  # (1, L)
         spec, clip = frontend(wave), f"{os.path.basename(row['file'])}, mask {model.mask_ratio:g}"
-        if arch == 'm2d':
+        if family == 'm2d':
             view = {'input': spec[0, 0].cpu().numpy(),
                     'cosine(prediction, target) on the masked patches': m2d_cosine(model, spec)}
             written.append(panels(view, f"{name}: M2D prediction vs target ({clip})",

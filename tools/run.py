@@ -1,9 +1,7 @@
-"""Run plumbing shared by the entry points: the command-line flags they have in common, the device and DDP
-set-up, the lr schedule, atomic checkpoints, log trimming, stop signals, BatchNorm across DDP processes, finetune.py's
-resumable state, `Run`: train.py's output folder, logging window and the cross-rank checks at every log and
-checkpoint step, and train.py's starting points (--init, --resume).
+"""Run plumbing shared by the entry points: the device and DDP set-up, the lr schedule, atomic checkpoints, log
+trimming, stop signals, finetune.py's resumable state, `Run`: train.py's output
+folder, logging window and the cross-rank checks at every log and checkpoint step, and its --resume.
 None of it is in the papers; it is what keeps a long run safe (docs/reliability.md says what each guarantees)."""
-import argparse
 import ctypes
 import json
 import math
@@ -14,42 +12,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 import data
-from tools.checkpoints import load_file, load_state, part, read_checkpoint
-
-
-def shared_flags(p, amp=('auto', 'bf16', 'none'), seed=True):
-    """The flags train.py, finetune.py and zeroshot.py have in common (zeroshot.py draws nothing random: no --seed)."""
-    p.add_argument('--data', default='demo', help="'demo' (the built-in synthetic set) or a CSV manifest")
-    p.add_argument('--batch_size', type=int, default=32, help='clips per process per step')
-    p.add_argument('--num_workers', type=int, default=cpu_share(),
-                   help="decoding workers per process (default: this process's share of the CPU cores, at most 8)")
-    p.add_argument('--max_bad', type=float, default=0.05, help='abort when more than this fraction of files fail')
-    p.add_argument('--amp', choices=list(amp), default='auto', help="autocast precision (the front-end stays fp32); "
-                   "auto: the device's native one (resolve_amp)")
-    p.add_argument('--trust_checkpoint', action=argparse.BooleanOptionalAction, default=False,
-                   help='unpickle any Python object in checkpoint files (only tensors, numbers, strings, containers and '
-                        'argparse.Namespace without): can run code, so only for files from a source you trust')
-    p.add_argument('--device', help='cpu or cuda (default: cuda when available)')
-    if seed:
-        p.add_argument('--seed', type=int, default=0)
-
-
-def cpu_share():
-    """This process's share of the CPU cores, at most 8: one worker decodes 300-1100 crops/s (docs/performance.md)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
-
-
-def given_flags(parser, argv):
-    """The dests of the optional flags that appear on the command line `argv` (parser has allow_abbrev=False)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {a.dest for a in parser._actions for s in a.option_strings
-            if any(x == s or x.startswith(s + '=') for x in argv)}
+from tools.checkpoints import load_file, load_state
 
 
 def pick_device(name):
@@ -81,12 +48,6 @@ def cpu_bf16_is_native():
     isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
     allowed = isa in ('ALL', 'DEFAULT') or 'BF16' in isa or 'AMX' in isa
     return allowed and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def compile_flag(p, scope=''):
-    p.add_argument('--compile', nargs='?', const='inductor', choices=['inductor', 'aot_eager'],
-                   help=f"{scope}torch.compile the training forward and backward (inductor; aot_eager traces the same "
-                        'graphs and runs them with eager kernels, to tell a compiler problem from a model one)')
 
 
 def compile_training(module, backend):
@@ -256,19 +217,6 @@ def mean_over_ranks(sums, device, ddp, world):
     return dict(zip(sums, vals.tolist()))
 
 
-class BatchNormAcrossRanks(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the whole batch of all DDP processes, so data-parallel
-    fine-tuning equals one process on the global batch (ours: nn.SyncBatchNorm needs a GPU). The batch is gathered
-    with autograd (a functional collective, which torch.compile traces); every process updates the same running
-    statistics."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        rank, B = dist.get_rank(), len(x)
-        return super().forward(all_gather_tensor_autograd(x, 0, dist.group.WORLD))[rank * B:(rank + 1) * B]
-
-
 # ---------------------------------------------------------------------------------------------
 # finetune.py's checkpoint: where an unfinished fine-tuning run is
 
@@ -409,41 +357,15 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------
-# train.py's starting points: --init (another checkpoint's encoder) and --resume (this run's checkpoint)
+# --resume: everything of this run's checkpoint (train.py)
 
-def init_from(args, run, raw_model, frontend):
-    """--init: the encoder (and normalization stats) of another checkpoint, ours or an official release; all of a
-    stage-2 model for stage 2 (stage 2.1 continues stage 2)."""
-    ckpt = read_checkpoint(args.init, args.trust_checkpoint)
-    enc = part(ckpt['model'], 'encoder.')
-    if 'pos_embed' in enc and enc['pos_embed'].shape != raw_model.encoder.pos_embed.shape:
-        # Fixed sin-cos embeddings depend only on each patch's (f, t) index: this grid's own table equals the
-        # checkpoint's on the shared positions and extends it to the others (ours; exact, unlike interpolation).
-        run.say(f"position embeddings: {tuple(enc['pos_embed'].shape)} in {args.init}, using this grid's "
-                f"{tuple(raw_model.encoder.pos_embed.shape)}")
-        enc['pos_embed'] = raw_model.encoder.pos_embed
-    whole = args.arch == 'clap' and 'audio_proj.sem_token' in ckpt['model']
-    if whole:
-        load_state(raw_model, {**ckpt['model'], **{'encoder.' + k: v for k, v in enc.items()}}, args.init)
-    else:
-        load_state(raw_model.encoder, enc, args.init)
-    if ckpt['frontend']['name'] == frontend.name:  # the encoder was trained on these statistics
-        frontend.mean, frontend.std = ckpt['frontend']['mean'], ckpt['frontend']['std']
-    run.say(f"initialized the {'whole model' if whole else 'encoder'} from {args.init} ({ckpt['args']['method']}, "
-            f"stage {ckpt['args'].get('stage', 1)})")
-
-
-def restore(args, run, raw_model, optimizer, scheduler, scaler, ts):
-    """--init (init_from), then --resume: everything of this run's checkpoint. Returns where the loop starts: step,
-    loader position, last record and partial logging window."""
-    frontend = ts.frontend
-    if args.init:
-        init_from(args, run, raw_model, frontend)
+def restore(args, run, raw_model, optimizer, scheduler, scaler, frontend):
+    """With --resume and <out>/checkpoint.pt: the model, optimizer, schedule, scaler, front-end statistics
+    and every rank's RNG as they were saved. Returns where the loop starts: step, loader position, last
+    record and partial logging window (step 0 for a fresh run)."""
     if not (args.resume and os.path.exists(run.ckpt_path)):
         if args.resume:
             run.say(f"--resume: no checkpoint at {run.ckpt_path}; starting from scratch")
-        elif args.norm_stats == 'data':
-            frontend.mean, frontend.std = data.norm_stats_from_data(frontend, ts.dataset, run.device)
         return dict(step=0, epoch=0, batch_idx=0, record={}, window={})
     ckpt = load_file(run.ckpt_path, args.trust_checkpoint)
     method, stage = ckpt['args']['method'], ckpt['args'].get('stage', 1)

