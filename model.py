@@ -210,8 +210,9 @@ class ViT(nn.Module):
         return x + pos
 
     def encode(self, x, ids=None, blocks=None, norm=None):
-        """Patch tokens x (B, N, D), the ones to encode ids (B, K) or None for all -> (B, 1+K, D),
-        CLS first, then the tokens in the order of ids.
+        """Patch tokens x (B, N, D) (positions already added), the ones to encode ids (B, K) or None
+        for all -> (B, 1+K, D): the CLS token (cls_token plus the position table's row 0) first, then
+        the tokens of ids in the order of ids, through the blocks and the norm.
 
         Runs this encoder's blocks and norm, or the ones given (M2D's target network shares the
         patch embedding, position embeddings and CLS token but has its own blocks and norm).
@@ -315,8 +316,10 @@ class AudioMAE(nn.Module):
                                             nn.Linear(4 * D, n_classes)).apply(init_weights)
 
     def predict(self, spec):
-        """spec (B, 1, F, T) -> the visible tokens' encoder outputs z (B, 1+K, D), predictions for
-        every token (B, N, p*p; MAM-CLAP: (B, N, Dt) through h) and the mask (B, N), 1 = masked."""
+        """spec (B, 1, F, T) -> the visible tokens' encoder outputs z (B, 1+K, D) (CLS, then ids_keep's
+        order), the decoder's predictions for every token in grid order (B, N, p*p; target 'clap': h's,
+        (B, N, Dt), head_norm applied to all N) and the mask (B, N), 1 = masked. The masks come from
+        random_masking(B, N, self.mask_ratio, device), one call."""
         B, cfg = spec.shape[0], self.encoder.cfg
         ids_keep, _, ids_restore, mask = random_masking(B, cfg.grid[0] * cfg.grid[1], self.mask_ratio,
                                                         spec.device)
@@ -326,7 +329,10 @@ class AudioMAE(nn.Module):
 
     def forward(self, spec, y=None, target=None):
         """spec (B, 1, F, T); y (B, C) class targets (SupMAM); target (B, N, Dt) the teacher's map
-        (MAM-CLAP) -> (losses, metrics)."""
+        (MAM-CLAP) -> (losses, metrics), from one predict: losses {'loss_rec'} (target 'patches':
+        mae_loss against patchify(spec)) or {'loss_visible', 'loss_masked'} (target 'clap': Eq. 1),
+        plus 'loss_cls' when classifying (the classifier on the mean of z's K visible tokens, CLS
+        left out); metrics {}."""
         z, pred, mask = self.predict(spec)
         if self.target == 'patches':  # AudioMAE §2 (MAE §3): norm-pix MSE on the masked patches
             patches = patchify(spec, self.encoder.cfg.patch)
@@ -378,10 +384,12 @@ class M2D(nn.Module):
             self.text_proj, self.logit_scale = text_side(text_dim, D)
 
     def predict(self, spec):
-        """spec (B, 1, F, T) -> online outputs z (B, 1+K, D) of the visible patches, predictions
-        z^_m and targets z_m (B, M, D) of the masked ones, both in the order of ids_masked (B, M),
-        and ids_masked. The targets are the target network's outputs without CLS, not yet
-        standardized."""
+        """spec (B, 1, F, T) -> online outputs z (B, 1+K, D) of the visible patches (CLS, then
+        ids_keep's order), predictions z^_m and targets z_m (B, M, D) of the masked ones, both in the
+        order of the returned ids_masked (B, M) (any order, the same for both), and ids_masked. The
+        masks come from random_masking(B, N, self.mask_ratio, device), one call. The targets are the
+        target network's outputs (encode with target_blocks and target_norm, on the masked patches
+        only, no gradient) without CLS, not yet standardized."""
         B, enc = spec.shape[0], self.encoder
         ids_keep, ids_masked, ids_restore, _ = random_masking(B, enc.cfg.grid[0] * enc.cfg.grid[1],
                                                               self.mask_ratio, spec.device)
