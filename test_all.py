@@ -102,6 +102,30 @@ def test_random_masking_keeps_exactly_k_and_restore_inverts():
     assert not torch.equal(ids_keep[0].sort().values, ids_keep[1].sort().values)  # per-sample
 
 
+def test_random_masking_draws_uniform_subsets_not_blocks():
+    """Each token visible with probability K/N and each pair with K(K-1)/(N(N-1)) (5 sigma over 3000 draws):
+    contiguous blocks or one mask for the batch fail."""
+    B, N, K = 3000, 16, 4
+    visible = 1 - M.random_masking(B, N, 0.75, 'cpu')[3]
+    p1, p2 = K / N, K * (K - 1) / (N * (N - 1))
+    assert (visible.mean(0) - p1).abs().max() < 5 * math.sqrt(p1 * (1 - p1) / B)
+    pairs = (visible.T @ visible / B)[~torch.eye(N, dtype=torch.bool)]
+    assert (pairs - p2).abs().max() < 5 * math.sqrt(p2 * (1 - p2) / B)
+
+
+def test_decoder_puts_visible_tokens_back_by_ids_restore():
+    """The visible tokens in another order with that order's ids_restore: the same predictions (a decoder that
+    never un-shuffles, or adds positions before, fails)."""
+    dec = M.Decoder(32, 64, 1, 12, (2, 4)).eval()
+    z, order = torch.randn(2, 4, 32), torch.stack([torch.randperm(8) for _ in range(2)])
+    order2 = torch.cat([order[:, [2, 0, 1]], order[:, 3:]], 1)
+    with torch.no_grad():
+        a = dec(z, M.split_order(order, 3)[2])
+        b = dec(z[:, [0, 3, 1, 2]], M.split_order(order2, 3)[2])
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, dec(z[:, [0, 3, 1, 2]], M.split_order(order, 3)[2]), atol=1e-3)
+
+
 def test_structured_masking_removes_whole_rows_and_columns():
     B, grid = 6, (8, 12)
     ids_keep, _, ids_restore, mask = augment.structured_masking(B, grid, t_ratio=0.25, f_ratio=0.5, device='cpu')
@@ -1136,6 +1160,22 @@ def test_m2d_target_sees_only_masked_patches_and_gets_no_gradient():
     out['loss_m2d'].backward()
     assert all(p.grad is None and not p.requires_grad for p in [*m2d.target_blocks.parameters(), *m2d.target_norm.parameters()])
     assert m2d.encoder.patch_embed.weight.grad.abs().sum() > 0 and m2d.predictor.mask_token.grad.abs().sum() > 0
+
+
+def test_m2d_predictions_and_targets_pair_the_same_masked_tokens():
+    """z^_m is the predictor's output at ids_masked and z_m the target network's encoding of those patches, in the
+    same order (a target in another order than the predictions fails)."""
+    m2d, spec = small_m2d().eval(), torch.randn(2, 1, 32, 64)
+    torch.manual_seed(0)
+    z, pred, target, ids_masked = m2d.predict(spec)
+    torch.manual_seed(0)
+    ids_keep, _, ids_restore, _ = M.random_masking(2, 8, 0.5, 'cpu')
+    with torch.no_grad():
+        x = m2d.encoder.embed(spec)
+        full = m2d.predictor(m2d.encoder.encode(x, ids_keep), ids_restore)  # (B, N, D) grid order
+        own = m2d.encoder.encode(x, ids_masked, m2d.target_blocks, m2d.target_norm)[:, 1:]
+    assert torch.allclose(pred, full.gather(1, ids_masked[..., None].expand(-1, -1, 32)), atol=1e-5)
+    assert torch.allclose(target, own, atol=1e-5)
 
 
 def test_m2d_loss_zero_four_and_target_scale_invariance():
