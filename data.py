@@ -25,8 +25,8 @@ SAMPLE_RATE = 16000
 HOP = 160  # 10 ms frame shift for both front-ends
 EPS = torch.finfo(torch.float32).eps
 
-# name: mel bins, training crop in frames, default normalization (mean, std), and the factor
-# applied to a data-computed std (AudioMAE/AST divide by 2·std, hence std_mult=2).
+# name: mel bins, training crop in frames, default (mean, std), the factor on a data-computed std (AudioMAE/AST
+# divide by 2·std)
 FRONTENDS = {
     'fbank128': dict(n_mels=128, n_frames=1024, mean=-4.2677393, std=4.5689974 * 2, std_mult=2.0),  # AudioMAE
     'mel80': dict(n_mels=80, n_frames=608, mean=-7.1, std=4.2, std_mult=1.0),  # M2D
@@ -212,35 +212,6 @@ def caption_ids(rows, texts, source):
     return torch.tensor([i + i[:1] * (width - len(i)) for i in ids]), torch.tensor([len(i) for i in ids])
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation splits (finetune.py)
-
-def folds(rows, source, seed):
-    """[(name, train, valid, test)]: one per `fold` value (that fold is the test set), else the
-    manifest's splits."""
-    if any(r['fold'] for r in rows):
-        if not all(r['fold'] for r in rows):
-            raise SystemExit(f"error: {source}: some rows have no 'fold'; K-fold needs one on every row")
-        names = sorted({r['fold'] for r in rows}, key=lambda f: (len(f), f))
-        return [(f'fold {k}', *carve([r for r in rows if r['fold'] != k], seed),
-                 [r for r in rows if r['fold'] == k]) for k in names]
-    split = {s: [r for r in rows if r['split'] == s] for s in ('train', 'valid', 'test')}
-    if not split['train'] or not split['test']:
-        found = ', '.join(f'{k}: {len(v)}' for k, v in split.items())
-        raise SystemExit(f"error: {source}: needs a 'fold' column, or a 'split' column with train and "
-                         f"test rows (found {found})")
-    train, valid = (split['train'], split['valid']) if split['valid'] else carve(split['train'], seed)
-    return [('split', train, valid, split['test'])]
-
-
-def carve(rows, seed, fraction=0.1):
-    """(train, valid): a seeded random `fraction` of the rows (at least one) becomes the validation
-    set (ours)."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n = max(1, round(fraction * len(rows)))
-    return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
-
-
 def load_audio(path, n=None, rng=None):
     """Decode a file to a mono float32 waveform at 16 kHz, shape (L,).
 
@@ -401,3 +372,30 @@ def resolve_manifest(data):
     if not os.path.exists(data):
         raise SystemExit(f"error: --data {data}: no such manifest (pass a CSV file, 'demo', 'synth' or 'synth:TASK')")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation splits (finetune.py)
+
+def folds(rows, source, seed):
+    """[(name, train, valid, test)]: one per `fold` value (that fold the test set), else the splits."""
+    if any(r['fold'] for r in rows):
+        if not all(r['fold'] for r in rows):
+            raise SystemExit(f"error: {source}: some rows have no 'fold'; K-fold needs one on every row")
+        names = sorted({r['fold'] for r in rows}, key=lambda f: (len(f), f))
+        return [(f'fold {k}', *carve([r for r in rows if r['fold'] != k], seed),
+                 [r for r in rows if r['fold'] == k]) for k in names]
+    split = {s: [r for r in rows if r['split'] == s] for s in ('train', 'valid', 'test')}
+    if not split['train'] or not split['test']:
+        found = ', '.join(f'{k}: {len(v)}' for k, v in split.items())
+        raise SystemExit(f"error: {source}: needs a 'fold' column, or a 'split' column with train and "
+                         f"test rows (found {found})")
+    train, valid = (split['train'], split['valid']) if split['valid'] else carve(split['train'], seed)
+    return [('split', train, valid, split['test'])]
+
+
+def carve(rows, seed, fraction=0.1):
+    """(train, valid): a seeded random `fraction` of the rows (at least one) is the validation set (ours)."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = max(1, round(fraction * len(rows)))
+    return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]

@@ -65,7 +65,8 @@ def m2d_loss(pred, target, eps=1e-6):
     pred: (B, M, D) online predictions z^_m; target: (B, M, D) target outputs z_m for the same
     tokens in the same order. The target is standardized per token over D first,
     z~_m = (z_m - mean) / sqrt(var + eps) with the unbiased variance (ref: norm_pix_loss; the cosine
-    ignores its scale, so the variance convention does not matter). No gradient flows to target.
+    ignores its scale, so the variance convention does not matter). The target has no gradient
+    (M2D.predict computes it under no_grad).
     """
     target = target.float()
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + eps) ** 0.5

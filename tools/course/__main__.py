@@ -1,6 +1,5 @@
 """python -m tools.course handout|grade|experiments|probe|measure|shuffled_captions ... (docs/course.md)."""
 import argparse
-import json
 import sys
 
 from tools.course import ASSIGNMENTS, BY_ID
@@ -50,8 +49,8 @@ def main(argv=None):
         from tools.course.experiments import check_submission
         print(check_submission(args.experiment, args.ckpts, args.probe_seeds))
     elif args.command == 'measure':
-        from tools.course.experiments import measure_runs
-        print(json.dumps(measure_runs(args.folder, args.seeds, args.probe_seeds, args.ranges), indent=1))
+        from tools.course.experiments import markdown, measure_runs
+        print(markdown(measure_runs(args.folder, args.seeds, args.probe_seeds, args.ranges)))
     else:
         from tools.course.experiments import shuffled_captions
         print(f"wrote {shuffled_captions(args.out)}")

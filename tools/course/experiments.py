@@ -156,8 +156,8 @@ class Probes:
 def run_probe(kind, ckpt, task, seed):
     """One probe in a subprocess: its last stdout line, a JSON record."""
     if kind == 'probe':
-        argv = ['finetune.py', '--ckpt', ckpt, '--data', f'synth:{task}', '--seed', str(seed), '--out',
-                os.path.join(REPO, 'runs', 'course_probe', str(os.getpid()))]
+        out = os.path.join(REPO, 'runs', 'course_probe', str(os.getpid()))
+        argv = ['finetune.py', '--ckpt', ckpt, '--data', f'synth:{task}', '--seed', str(seed), '--out', out]
         argv += ['--model', 'vit_tiny'] if ckpt == 'none' else []
     else:
         argv = ['zeroshot.py', '--ckpt', ckpt, '--data', f'synth:{task}']
@@ -177,7 +177,7 @@ def runs_of(experiment, folder, seed):
 
 def measure_runs(folder, seeds, probe_seeds, write_ranges=False):
     """Every experiment whose runs are in `folder` for the seeds: {id: {seed: {quantity: {task: points}}}}, written
-    to <folder>/course_results.json; with write_ranges, the ranges they give to ranges.json (range_of)."""
+    to <folder>/course_results.json; with write_ranges, the ranges they give to ranges.json (prediction_ranges)."""
     probes = Probes(os.path.join(folder, 'course_probes.jsonl'), probe_seeds)
     results = {}
     for e in EXPERIMENTS:
@@ -188,20 +188,50 @@ def measure_runs(folder, seeds, probe_seeds, write_ranges=False):
     with open(os.path.join(folder, 'course_results.json'), 'w') as f:
         json.dump(results, f, indent=1)
     if write_ranges:
-        ranges = {eid: {q: {t: range_of([r[q][t] for r in per_seed.values()]) for t in TASKS}
-                        for q in BY_ID[eid].measure} for eid, per_seed in results.items() if len(per_seed) >= 2}
         with open(RANGES, 'w') as f:
             json.dump({'precision': 'fp32', 'seeds': list(seeds), 'probe_seeds': list(probe_seeds),
-                       'ranges': ranges}, f, indent=1)
+                       **prediction_ranges(results)}, f, indent=1)
     return results
 
 
-def range_of(values):
-    """The range published for a quantity measured on several pre-training seeds: their interval widened on
-    each side by the largest difference between two of them, and by at least 2 points (a probe's own spread):
-    a seed not measured should fall in it (docs/course.md checks it on seeds held out)."""
-    spread = max(max(values) - min(values), 2.0)
-    return [round(min(values) - spread, 1), round(max(values) + spread, 1)]
+def markdown(results):
+    """The measured quantities as a table: per experiment, quantity and task, each seed's value, their mean and the
+    range (prediction_ranges)."""
+    seeds = sorted({seed for per_seed in results.values() for seed in per_seed})
+    spans = prediction_ranges(results)['ranges']
+    lines = ['| experiment | quantity | task | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | mean | range |',
+             '|---|---|---|' + '---|' * (len(seeds) + 2)]
+    for eid, per_seed in results.items():
+        for q in BY_ID[eid].measure:
+            for t in TASKS:
+                values = [per_seed[s][q][t] if s in per_seed else None for s in seeds]
+                known = [v for v in values if v is not None]
+                cells = ' | '.join('' if v is None else f'{v:+.1f}' for v in values)
+                span = spans.get(eid, {}).get(q, {}).get(t)
+                span = f'{span[0]:+.1f} to {span[1]:+.1f}' if span else ''
+                lines.append(f"| {eid} | {q} | {t} | {cells} | {statistics.mean(known):+.1f} | {span} |")
+    return '\n'.join(lines)
+
+
+def prediction_ranges(results):
+    """The range published for each quantity: a 95 % prediction interval for one more pre-training seed,
+    mean +- t(0.975, df) * sigma * sqrt(1 + 1/n), n its seeds, sigma the seeds' standard deviation pooled over
+    every quantity and task measured on two seeds or more (df degrees of freedom): two seeds alone say little
+    about the next one. docs/course.md checks it on seeds it did not see."""
+    from scipy.stats import t as student_t
+    groups = {(eid, q, task): [per_seed[s][q][task] for s in per_seed] for eid, per_seed in results.items()
+              for q in BY_ID[eid].measure for task in TASKS}
+    groups = {k: g for k, g in groups.items() if len(g) >= 2}
+    df = sum(len(g) - 1 for g in groups.values())
+    if not df:
+        return {'sigma': None, 'df': 0, 'ranges': {}}
+    sigma = (sum((v - statistics.mean(g)) ** 2 for g in groups.values() for v in g) / df) ** 0.5
+    spans = {}
+    for (eid, q, task), g in groups.items():
+        half = student_t.ppf(0.975, df) * sigma * (1 + 1 / len(g)) ** 0.5
+        spans.setdefault(eid, {}).setdefault(q, {})[task] = [round(statistics.mean(g) - half, 1),
+                                                               round(statistics.mean(g) + half, 1)]
+    return {'sigma': sigma, 'df': df, 'ranges': spans}
 
 
 def ranges():

@@ -100,6 +100,10 @@ def grade(folder, ids=None, seed=None, amp='fp32', device='cpu', jobs=2, time_li
         try:
             results = run_tests(code, tests_dir, snapshots, marks=[aid], seed=seed, amp=amp, device=device,
                                 time_limit=time_limit)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # the code under test ended the process
+            print(f"warning: {aid}: the tests did not run to the end ({str(e).splitlines()[0]}); it scores 0",
+                  file=sys.stderr)
+            results = {}
         finally:
             shutil.rmtree(code, ignore_errors=True)
         passed = sum(r['outcome'] == 'passed' for r in results.values())
@@ -114,12 +118,14 @@ def count_tests(aid):
 
 
 def table(scores):
-    """The score table: per assignment its tests passed of all, and the failures' first lines."""
-    lines = ['| assignment | title | tests passed | score |', '|---|---|---|---|']
-    for aid, (passed, total, _) in scores.items():
-        lines.append(f"| {aid} | {BY_ID[aid].title} | {passed} / {total} | {100 * passed / total:.0f} % |")
+    """The score table: per assignment its tests passed of all and their seconds, then the failures' first lines."""
+    lines = ['| assignment | title | tests passed | score | test seconds |', '|---|---|---|---|---|']
+    for aid, (passed, total, results) in scores.items():
+        seconds = sum(r.get('seconds', 0) for r in results.values())
+        lines.append(f"| {aid} | {BY_ID[aid].title} | {passed} / {total} | {100 * passed / total:.0f} % | "
+                     f"{seconds:.1f} |")
     earned = sum(p / t for p, t, _ in scores.values())
-    lines.append(f"| total | | | {100 * earned / len(scores):.0f} % |")
+    lines.append(f"| total | | | {100 * earned / len(scores):.0f} % | |")
     failures = [f"{aid} {name}: {r['message'] or r['outcome']}" for aid, (_, _, res) in scores.items()
                 for name, r in res.items() if r['outcome'] != 'passed']
     return '\n'.join(lines + ([''] + failures if failures else []))
