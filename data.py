@@ -353,7 +353,7 @@ def norm_stats_from_data(frontend, dataset, device, n_clips=256, batch_size=32):
 
 
 def builtin(data):
-    """Whether `--data` names a built-in set: demo, synth (the benchmark's pool) or synth:TASK."""
+    """Whether `--data` names a built-in set: demo, synth (the benchmark's pool), synth:TASK or synth:shuffled."""
     return data == 'demo' or data.split(':')[0] == 'synth'
 
 

@@ -338,6 +338,11 @@ def test_synth_benchmark_is_deterministic_and_its_splits_differ_in_nuisance(tmp_
         if task == 'instrument':  # melodies on even MIDI notes in train, odd ones in test
             notes = {s: {int(n) for r in split[s] for n in r['register'].split()} for s in split}
             assert notes['train'] and all(n % 2 == 0 for n in notes['train']) and all(n % 2 for n in notes['test'])
+    synth.shuffle_captions(root)  # synth:shuffled, E8's control: the same clips, each with another's captions
+    shuffled = data.read_manifest(os.path.join(root, 'shuffled.csv'))
+    assert [(r['file'], r['labels']) for r in shuffled] == [(r['file'], r['labels']) for r in pool]
+    assert sorted(map(tuple, (r['captions'] for r in shuffled))) == sorted(map(tuple, (r['captions'] for r in pool)))
+    assert sum(a['captions'] != b['captions'] for a, b in zip(shuffled, pool)) >= 4
     with pytest.raises(SystemExit, match='no such task; choose synth'):
         data.resolve_manifest('synth:nope')
 

@@ -7,6 +7,8 @@ moves it), deterministic per clip, so that a short run can show whether pre-trai
     --data synth:instrument   which of 8 instruments plays a 1-4 note melody; the test split's melodies are on other
                               notes (odd MIDI numbers, training's even) over other backgrounds
     --data synth:event        which of 10 sound events occurs; the test split's backgrounds are unseen in training
+    --data synth:shuffled     the pool with each scene's captions taken from another scene (a fixed permutation):
+                              a control for the CLAP methods, whose captions then say nothing of their audio
 
 Clips are 2 s of 16 kHz mono 16-bit FLAC. Every sound is additive synthesis (partials with envelopes) or shaped
 noise: nothing is recorded, nothing is downloaded. Each task manifest has nuisance columns (register, background,
@@ -14,6 +16,7 @@ snr_db, gain) so that the split shift can be checked (test_all.py does; docs/gui
 """
 import csv
 import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -359,13 +362,31 @@ def _write_csv(path, header, rows):
 
 
 def synth_manifest(name='synth'):
-    """Path of the manifest `synth` (the pool) or `synth:TASK`, synthesizing the set on first use."""
+    """Path of the manifest `synth` (the pool), `synth:TASK` or `synth:shuffled`, synthesizing the set on first
+    use."""
     task = name.partition(':')[2] or 'pool'
-    if task != 'pool' and task not in TASKS:
-        raise SystemExit(f"error: --data {name}: no such task; choose synth (the pre-training pool) or one of "
-                         f"{', '.join('synth:' + t for t in TASKS)}")
+    if task not in ('pool', 'shuffled') and task not in TASKS:
+        raise SystemExit(f"error: --data {name}: no such task; choose synth (the pre-training pool), synth:shuffled "
+                         f"or one of {', '.join('synth:' + t for t in TASKS)}")
     root = os.path.join(cache_dir(), f'synth-v{SYNTH_VERSION}')
     if not os.path.exists(os.path.join(root, 'pool.csv')):
         print(f"generating the synthetic benchmark into {root} (once: about a minute on 2 cores, 210 MB)")
     generate_once(root, make_synth, 'pool.csv')
+    if task == 'shuffled' and not os.path.exists(os.path.join(root, 'shuffled.csv')):
+        shuffle_captions(root)
     return os.path.join(root, f'{task}.csv')
+
+
+def shuffle_captions(root):
+    """root/shuffled.csv: pool.csv with row i's captions those of row perm[i], perm = numpy's permutation of seed 0;
+    files, labels and splits unchanged. Written atomically (DDP ranks may race)."""
+    with open(os.path.join(root, 'pool.csv'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    perm = np.random.default_rng(0).permutation(len(rows))
+    fd, tmp = tempfile.mkstemp(dir=root, suffix='.tmp')
+    with os.fdopen(fd, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, 'caption': rows[perm[i]]['caption']} for i, r in enumerate(rows))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, os.path.join(root, 'shuffled.csv'))

@@ -1,4 +1,4 @@
-"""python -m tools.course handout|grade|experiments|probe|measure|shuffled_captions ... (docs/course.md)."""
+"""python -m tools.course handout|grade|experiments|probe|measure ... (docs/course.md)."""
 import argparse
 import sys
 
@@ -28,9 +28,6 @@ def main(argv=None):
     m.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='pre-training seeds')
     m.add_argument('--probe_seeds', type=int, nargs='+', default=[0, 1, 2])
     m.add_argument('--ranges', action='store_true', help='write the ranges they give to tools/course/ranges.json')
-    s = sub.add_parser('shuffled_captions', help="write E8's control manifest: the benchmark's pool with each "
-                                                  "clip's captions taken from another clip")
-    s.add_argument('--out', help='default: pool_shuffled.csv next to the pool')
     args = p.parse_args(argv)
     if args.command == 'handout':
         from tools.course.handout import make_handout
@@ -48,12 +45,9 @@ def main(argv=None):
     elif args.command == 'probe':
         from tools.course.experiments import check_submission
         print(check_submission(args.experiment, args.ckpts, args.probe_seeds))
-    elif args.command == 'measure':
+    else:
         from tools.course.experiments import markdown, measure_runs
         print(markdown(measure_runs(args.folder, args.seeds, args.probe_seeds, args.ranges)))
-    else:
-        from tools.course.experiments import shuffled_captions
-        print(f"wrote {shuffled_captions(args.out)}")
 
 
 if __name__ == '__main__':

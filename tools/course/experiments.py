@@ -6,7 +6,6 @@ commands and the CPU minutes).
 The measurement is re-run on the submitted checkpoints (`python -m tools.course probe E2 m2d=... m2d_clap=...`):
 linear probes on the benchmark's two tasks (finetune.py, probe seeds 0-2, their mean) and zero-shot
 classification (zeroshot.py), never a number the student reports."""
-import csv
 import json
 import os
 import statistics
@@ -14,15 +13,13 @@ import subprocess
 import sys
 from collections import namedtuple
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RANGES = os.path.join(HERE, 'ranges.json')
 TASKS = ('instrument', 'event')
 TRAIN = 'python train.py --model vit_tiny --data synth --recipe short'
 
-# runs: name -> the train.py flags after TRAIN (S: the pre-training seed; POOL_SHUFFLED: shuffled_captions()'s file).
+# runs: name -> the train.py flags after TRAIN (S: the pre-training seed).
 # measure: per task, `probe` (linear probe accuracy) or `zeroshot` of a run, or a difference of two, as
 # ('minus', a, b). minutes: CPU minutes per seed on 2 cores (docs/course.md).
 Experiment = namedtuple('Experiment', 'id title question runs measure minutes')
@@ -77,38 +74,13 @@ EXPERIMENTS = [
          'paper_ema': ('minus', ('probe', 'paper_ema'), ('probe', 'm2d_clap'))}, 160),
     Experiment(
         'E8', 'A control: shuffled captions',
-        'Train M2D-CLAP on captions that belong to other clips (`python -m tools.course shuffled_captions`). Is '
-        'what the captions teach their content, or just a second loss?',
+        "Train M2D-CLAP on captions that belong to other clips (`--data synth:shuffled`: each scene's captions are "
+        "another scene's). Is what the captions teach their content, or just a second loss?",
         {'m2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS',
-         'shuffled': '--method m2d_clap --data POOL_SHUFFLED --n_frames 192 --seed S --out runs/shuffled_sS'},
+         'shuffled': '--method m2d_clap --data synth:shuffled --seed S --out runs/shuffled_sS'},
         {'shuffled': ('minus', ('probe', 'shuffled'), ('probe', 'm2d_clap'))}, 80),
 ]
 BY_ID = {e.id: e for e in EXPERIMENTS}
-
-
-def pool_shuffled():
-    """Where shuffled_captions() writes by default: next to the benchmark's pool."""
-    sys.path.insert(0, REPO)
-    from tools.demo import cache_dir
-    from tools.synth import SYNTH_VERSION
-    return os.path.join(cache_dir(), f'synth-v{SYNTH_VERSION}', 'pool_shuffled.csv')
-
-
-def shuffled_captions(out=None):
-    """E8's manifest: the benchmark's pool with row i's captions those of row perm[i], perm a fixed random
-    permutation (numpy seed 0); files, labels and splits unchanged. Written next to the pool (relative paths)."""
-    sys.path.insert(0, REPO)
-    import data
-    pool = data.resolve_manifest('synth')
-    out = out or pool_shuffled()
-    with open(pool, newline='') as f:
-        rows = list(csv.DictReader(f))
-    perm = np.random.default_rng(0).permutation(len(rows))
-    with open(out, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({**r, 'caption': rows[perm[i]]['caption']} for i, r in enumerate(rows))
-    return out
 
 
 class Probes:
@@ -264,7 +236,7 @@ def check_submission(eid, pairs, seeds):
 def command(flags):
     """The train.py command line of a run (`S` stays the seed to choose)."""
     base = TRAIN.replace(' --data synth', '') if '--data' in flags else TRAIN
-    return f"   {base} {flags}".replace('POOL_SHUFFLED', pool_shuffled())
+    return f"   {base} {flags}"
 
 
 def describe():

@@ -8,7 +8,7 @@ import subprocess
 
 from tools.course import ASSIGNMENTS
 from tools.course.grade import REPO, copy_tests, run_tests
-from tools.course.experiments import EXPERIMENTS
+from tools.course.experiments import EXPERIMENTS, command
 from tools.course.source import stub
 
 SEED = 0  # the handout's inputs; the grader draws its own
@@ -74,8 +74,12 @@ def student_page():
         functions = ', '.join(f"`{file[:-3]}.{q}`" for file, q in a.functions)
         lines.append(f"| {a.id} | {a.title} | {functions} | {a.paper} | {a.hours} | {a.cpu_s} |")
     lines += ['', '## Experiments', '',
-              'Run on the built-in benchmark once your implementation passes (`python -m tools.course '
-              'experiments` is not in the handout: your instructor gives the commands). For each, say what you '
-              'expect before you run it, then what you measured, with the seeds.', '']
-    lines += [f"- **{e.id}. {e.title}**: {e.question}" for e in EXPERIMENTS]
+              'On the built-in benchmark, once your implementation passes; S is a pre-training seed of your choice '
+              '(two, where you can). Before each run, write down what you expect; after it, what you measured, with '
+              'the seeds: linear probes (`python finetune.py --ckpt C --data synth:instrument --seed P`, and '
+              '`synth:event`; probe seeds 0, 1, 2) and zero-shot (`python zeroshot.py --ckpt C --data synth:event`). '
+              'Your instructor re-runs the probes on your checkpoints.', '']
+    for e in EXPERIMENTS:
+        lines += [f"- **{e.id}. {e.title}** ({e.minutes} CPU minutes per seed on 2 cores): {e.question}", '',
+                  '  ```bash', *[f'  {command(flags).strip()}' for flags in e.runs.values()], '  ```', '']
     return '\n'.join(lines) + '\n'
