@@ -19,12 +19,14 @@ from tools.course.source import text, transplant
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SOURCES = sorted({file for a in ASSIGNMENTS for file, _ in a.functions})
+TESTS = 'test_assignments.py'  # tests.py's name in a tests folder
 
 
 def copy_tests(dest):
-    """A fresh folder holding the clean tests and their harness (as conftest.py)."""
+    """A fresh folder holding the clean tests (named so that pytest collects them) and their harness (as
+    conftest.py)."""
     os.makedirs(dest, exist_ok=True)
-    shutil.copy(os.path.join(HERE, 'tests.py'), os.path.join(dest, 'tests.py'))
+    shutil.copy(os.path.join(HERE, 'tests.py'), os.path.join(dest, TESTS))
     shutil.copy(os.path.join(HERE, 'harness.py'), os.path.join(dest, 'conftest.py'))
     return dest
 
@@ -39,7 +41,7 @@ def run_tests(code_dir, tests_dir, snapshots, mode='compare', marks=None, seed=N
            'COURSE_RESULTS': results, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')}
     if seed is not None:
         env['COURSE_SEED'] = str(seed)
-    argv = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', os.path.join(tests_dir, 'tests.py')]
+    argv = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', os.path.join(tests_dir, TESTS)]
     if marks:
         argv += ['-m', ' or '.join(marks)]
     proc = subprocess.run(argv, cwd=tests_dir, env=env, capture_output=True, text=True,

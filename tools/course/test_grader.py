@@ -4,6 +4,7 @@ the handout. Run by CI as its own step: `python -m pytest -q tools/course/test_g
 import os
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -87,7 +88,8 @@ def test_a_handout_is_one_commit_with_every_stub_and_no_solution_and_scores_zero
     assert len(log.splitlines()) == 1
     files = repository_files(out)
     assert 'test_all.py' not in files and not any(f.startswith('tools/course') for f in files)
-    assert {'course/tests.py', 'course/conftest.py', 'course/snapshots.pt', 'course/README.md'} <= set(files)
+    course = {'test_assignments.py', 'conftest.py', 'snapshots.pt', 'README.md'}
+    assert {f'course/{name}' for name in course} <= set(files)
     # every function stubbed, its docstring kept; no line of a solution's body anywhere in the handout
     texts = {}
     for name in files:
@@ -107,6 +109,10 @@ def test_a_handout_is_one_commit_with_every_stub_and_no_solution_and_scores_zero
             for line in solution_lines(reference, qualname):
                 leaks += [f"{qualname}: {line!r} in {name}" for name, t in texts.items() if line in t]
     assert not leaks, leaks
+    # the student's command on the course page collects an assignment's tests, which fail on the stubs
+    own = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'course', '-m', 'A1'],
+                         cwd=out, capture_output=True, text=True)
+    assert own.returncode == 1 and ' failed' in own.stdout and ' passed' not in own.stdout, own.stdout[-2000:]
     # the handout's self-check runs and fails every test; the grader scores every assignment zero
     results = run_tests(out, os.path.join(out, 'course'), os.path.join(out, 'course', 'snapshots.pt'))
     assert results and all(r['outcome'] != 'passed' for r in results.values()), \
