@@ -86,7 +86,8 @@ STAGE2 = dict(family='m2d2_stage2', lambda_clap=1.0, crop_frames=1001, mask_rati
 # of 512-2048 clips; a CPU run has ~2000 steps of 32. The lr follows the batch by the square root
 # (blr x sqrt(B_paper / 32)), not linearly (16-64x less: too little for 2000 steps); M2D's EMA
 # horizon 1 / (1 - alpha) keeps its fraction of the run (20k and 100k of 300k steps: 133 and 667 of
-# 2000); 10 % warm-up; the steps fit ~20 minutes on 2 CPU cores at vit_tiny. Flags override them.
+# 2000); 10 % warm-up; at vit_tiny a run takes ~20 minutes of a bf16 CPU core (~90 in fp32).
+# Flags override them.
 SHORT_M2D = dict(steps=2000, blr=2.4e-3, ema_decay_init=0.9925, ema_decay=0.9985, warmup=0.1)
 SHORT_RECIPES = {
     'audiomae': dict(steps=1200, blr=8e-4, warmup=0.1),  # 2e-4 x sqrt(512 / 32)

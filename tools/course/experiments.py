@@ -21,7 +21,8 @@ TRAIN = 'python train.py --model vit_tiny --data synth --recipe short'
 
 # runs: name -> the train.py flags after TRAIN (S: the pre-training seed).
 # measure: per task, `probe` (linear probe accuracy) or `zeroshot` of a run, or a difference of two, as
-# ('minus', a, b). minutes: CPU minutes per seed on 2 cores (docs/course.md).
+# ('minus', a, b). minutes: per seed, the runs' minutes on one core each of an fp32 CPU (2-core AMD EPYC, two
+# runs at a time), measured where docs/course.md says so, else estimated from the bf16 runs' times.
 Experiment = namedtuple('Experiment', 'id title question runs measure minutes')
 
 EXPERIMENTS = [
@@ -30,23 +31,24 @@ EXPERIMENTS = [
         "How many points does M2D-CLAP's pre-training add to a linear probe, over the same encoder at random "
         'init (`finetune.py --ckpt none --model vit_tiny`), on each task?',
         {'m2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS'},
-        {'gain': ('minus', ('probe', 'm2d_clap'), ('probe', 'random'))}, 40),
+        {'gain': ('minus', ('probe', 'm2d_clap'), ('probe', 'random'))}, 91),
     Experiment(
         'E2', 'Captions against none', 'What does the CLAP loss add to M2D (m2d_clap against m2d, the same seed)?',
-        {'m2d': '--method m2d --seed S --out runs/m2d_sS', 'm2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS'},
-        {'captions': ('minus', ('probe', 'm2d_clap'), ('probe', 'm2d'))}, 80),
+        {'m2d': '--method m2d --seed S --out runs/m2d_sS',
+         'm2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS'},
+        {'captions': ('minus', ('probe', 'm2d_clap'), ('probe', 'm2d'))}, 169),
     Experiment(
         'E3', 'Zero-shot against the linear probe',
         "Does M2D-CLAP's zero-shot classification (class names as prompts, no training) beat a linear probe fitted "
         'on the labeled training clips?',
         {'m2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS'},
-        {'zeroshot_minus_probe': ('minus', ('zeroshot', 'm2d_clap'), ('probe', 'm2d_clap'))}, 40),
+        {'zeroshot_minus_probe': ('minus', ('zeroshot', 'm2d_clap'), ('probe', 'm2d_clap'))}, 91),
     Experiment(
         'E4', 'M2D2 stage 2', "What does stage 2 (CLAP on the frozen stage-1 encoder) do to zero-shot accuracy?",
         {'m2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS',
          'm2d2_stage2': '--method m2d2 --stage 2 --init runs/m2d_clap_sS/checkpoint.pt --seed S '
                         '--out runs/m2d2_stage2_sS'},
-        {'zeroshot_gain': ('minus', ('zeroshot', 'm2d2_stage2'), ('zeroshot', 'm2d_clap'))}, 70),
+        {'zeroshot_gain': ('minus', ('zeroshot', 'm2d2_stage2'), ('zeroshot', 'm2d_clap'))}, 121),
     Experiment(
         'E5', "MAM-CLAP's teacher: a CLAP model against a random one",
         'MAM-CLAP distills a CLAP teacher. How much of its probe comes from what the teacher learned (our '
@@ -54,12 +56,12 @@ EXPERIMENTS = [
         {'m2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS',
          'mam_clap': '--method mam_clap --clap_ckpt runs/m2d_clap_sS/checkpoint.pt --seed S --out runs/mam_clap_sS',
          'mam_clap_random': '--method mam_clap --seed S --out runs/mam_clap_random_sS'},
-        {'teacher': ('minus', ('probe', 'mam_clap'), ('probe', 'mam_clap_random'))}, 160),
+        {'teacher': ('minus', ('probe', 'mam_clap'), ('probe', 'mam_clap_random'))}, 300),
     Experiment(
         'E6', 'Learning curves', "Is M2D-CLAP's probe still rising at the end of the short run (step 2000 against "
         'step 1000, from --keep_every 250)?',
         {'m2d_clap': '--method m2d_clap --seed S --keep_every 250 --out runs/m2d_clap_sS'},
-        {'last_1000_steps': ('minus', ('probe', 'm2d_clap'), ('probe', 'm2d_clap@step1000'))}, 45),
+        {'last_1000_steps': ('minus', ('probe', 'm2d_clap'), ('probe', 'm2d_clap@step1000'))}, 91),
     Experiment(
         'E7', "Ablations of M2D-CLAP's recipe",
         'Mask ratio 0.5 instead of 0.7; lambda_clap 0.1 instead of 0.01; the papers\' EMA (0.99995 -> 0.99999) '
@@ -71,14 +73,14 @@ EXPERIMENTS = [
                       '--out runs/paper_ema_sS'},
         {'mask_0.5': ('minus', ('probe', 'mask05'), ('probe', 'm2d_clap')),
          'lambda_0.1': ('minus', ('probe', 'lambda01'), ('probe', 'm2d_clap')),
-         'paper_ema': ('minus', ('probe', 'paper_ema'), ('probe', 'm2d_clap'))}, 160),
+         'paper_ema': ('minus', ('probe', 'paper_ema'), ('probe', 'm2d_clap'))}, 364),
     Experiment(
         'E8', 'A control: shuffled captions',
         "Train M2D-CLAP on captions that belong to other clips (`--data synth:shuffled`: each scene's captions are "
         "another scene's). Is what the captions teach their content, or just a second loss?",
         {'m2d_clap': '--method m2d_clap --seed S --out runs/m2d_clap_sS',
          'shuffled': '--method m2d_clap --data synth:shuffled --seed S --out runs/shuffled_sS'},
-        {'shuffled': ('minus', ('probe', 'shuffled'), ('probe', 'm2d_clap'))}, 80),
+        {'shuffled': ('minus', ('probe', 'shuffled'), ('probe', 'm2d_clap'))}, 182),
 ]
 BY_ID = {e.id: e for e in EXPERIMENTS}
 
@@ -96,7 +98,9 @@ class Probes:
                     self.done[tuple(rec['key'])] = rec['value']
 
     def get(self, kind, ckpt, task, seed=None):
-        key = (kind, os.path.abspath(ckpt) if ckpt != 'none' else ckpt, task, seed)
+        # a checkpoint is known by its path and its time of writing: a rewritten one is probed again
+        file = (os.path.abspath(ckpt), int(os.stat(ckpt).st_mtime)) if ckpt != 'none' else (ckpt, None)
+        key = (kind, *file, task, seed)
         if key not in self.done:
             self.done[key] = run_probe(kind, ckpt, task, seed)
             if self.path:
@@ -140,11 +144,20 @@ def run_probe(kind, ckpt, task, seed):
     return 100 * rec['test' if kind == 'probe' else 'accuracy']
 
 
+def finished(ckpt):
+    """Whether a run's checkpoint is its last: the step its recipe ends at (a run still training has one too)."""
+    if not os.path.exists(ckpt):
+        return False
+    import torch
+    state = torch.load(ckpt, map_location='cpu', weights_only=False, mmap=True)
+    return state['step'] >= (state['args'].get('steps') or 0)
+
+
 def runs_of(experiment, folder, seed):
     """The checkpoints of an experiment's runs for one seed in `folder` (<run>_s<seed>/checkpoint.pt), or None
-    when one is missing."""
+    when one is missing or its run has not ended."""
     ckpts = {name: os.path.join(folder, f'{name}_s{seed}', 'checkpoint.pt') for name in experiment.runs}
-    return ckpts if all(map(os.path.exists, ckpts.values())) else None
+    return ckpts if all(map(finished, ckpts.values())) else None
 
 
 def measure_runs(folder, seeds, probe_seeds, write_ranges=False):
@@ -188,22 +201,26 @@ def markdown(results):
 def prediction_ranges(results):
     """The range published for each quantity: a 95 % prediction interval for one more pre-training seed,
     mean +- t(0.975, df) * sigma * sqrt(1 + 1/n), n its seeds, sigma the seeds' standard deviation pooled over
-    every quantity and task measured on two seeds or more (df degrees of freedom): two seeds alone say little
-    about the next one. docs/course.md checks it on seeds it did not see."""
+    the experiment's quantities and tasks measured on two seeds or more (df degrees of freedom). Per experiment:
+    their spreads differ by 10x (a probe is a mean of three, zero-shot one measurement; M2D2's stage 2 swings by
+    tens of points), and two seeds alone say little about the next one. {'sigma': {id: sigma}, 'df': {id: df},
+    'ranges': {id: {quantity: {task: [low, high]}}}}."""
     from scipy.stats import t as student_t
-    groups = {(eid, q, task): [per_seed[s][q][task] for s in per_seed] for eid, per_seed in results.items()
-              for q in BY_ID[eid].measure for task in TASKS}
-    groups = {k: g for k, g in groups.items() if len(g) >= 2}
-    df = sum(len(g) - 1 for g in groups.values())
-    if not df:
-        return {'sigma': None, 'df': 0, 'ranges': {}}
-    sigma = (sum((v - statistics.mean(g)) ** 2 for g in groups.values() for v in g) / df) ** 0.5
-    spans = {}
-    for (eid, q, task), g in groups.items():
-        half = student_t.ppf(0.975, df) * sigma * (1 + 1 / len(g)) ** 0.5
-        spans.setdefault(eid, {}).setdefault(q, {})[task] = [round(statistics.mean(g) - half, 1),
-                                                               round(statistics.mean(g) + half, 1)]
-    return {'sigma': sigma, 'df': df, 'ranges': spans}
+    out = {'sigma': {}, 'df': {}, 'ranges': {}}
+    for eid, per_seed in results.items():
+        groups = {(q, task): [per_seed[s][q][task] for s in per_seed]
+                  for q in BY_ID[eid].measure for task in TASKS}
+        groups = {k: g for k, g in groups.items() if len(g) >= 2}
+        df = sum(len(g) - 1 for g in groups.values())
+        if not df:
+            continue
+        sigma = (sum((v - statistics.mean(g)) ** 2 for g in groups.values() for v in g) / df) ** 0.5
+        out['sigma'][eid], out['df'][eid] = sigma, df
+        for (q, task), g in groups.items():
+            half = student_t.ppf(0.975, df) * sigma * (1 + 1 / len(g)) ** 0.5
+            low, high = statistics.mean(g) - half, statistics.mean(g) + half
+            out['ranges'].setdefault(eid, {}).setdefault(q, {})[task] = [round(low, 1), round(high, 1)]
+    return out
 
 
 def ranges():
@@ -242,8 +259,10 @@ def command(flags):
 def describe():
     lines = []
     for e in EXPERIMENTS:
-        lines += [f"{e.id}. {e.title} (about {e.minutes} CPU minutes per seed on 2 cores)", f"   {e.question}"]
+        cost = f"about {e.minutes} minutes of one fp32 CPU core per seed"
+        lines += [f"{e.id}. {e.title} ({cost})", f"   {e.question}"]
         lines += [command(flags) for flags in e.runs.values()]
         for quantity, per_task in (ranges().get(e.id, {}) if os.path.exists(RANGES) else {}).items():
-            lines.append(f"   {quantity}: " + ', '.join(f"{t} {lo:+.1f} to {hi:+.1f}" for t, (lo, hi) in per_task.items()))
+            spans = [f"{t} {lo:+.1f} to {hi:+.1f}" for t, (lo, hi) in per_task.items()]
+            lines.append(f"   {quantity}: " + ', '.join(spans))
     return '\n'.join(lines)

@@ -69,7 +69,7 @@ def student_page():
              '(all). The tests compare your outputs with the reference implementation\'s on fixed inputs '
              '(course/snapshots.pt); the grader uses other inputs and clean copies of the tests, and grades each '
              'assignment with the reference in place of the others, so an earlier mistake does not cost you twice.',
-             '', '| id | what | functions | paper | hours (expected) | CPU seconds (tests) |', '|---|---|---|---|---|---|']
+             '', '| id | what | functions | paper | hours (expected) | CPU seconds (grading) |', '|---|---|---|---|---|---|']
     for a in ASSIGNMENTS:
         functions = ', '.join(f"`{file[:-3]}.{q}`" for file, q in a.functions)
         lines.append(f"| {a.id} | {a.title} | {functions} | {a.paper} | {a.hours} | {a.cpu_s} |")
@@ -80,6 +80,7 @@ def student_page():
               '`synth:event`; probe seeds 0, 1, 2) and zero-shot (`python zeroshot.py --ckpt C --data synth:event`). '
               'Your instructor re-runs the probes on your checkpoints.', '']
     for e in EXPERIMENTS:
-        lines += [f"- **{e.id}. {e.title}** ({e.minutes} CPU minutes per seed on 2 cores): {e.question}", '',
+        cost = f"about {e.minutes} minutes of one fp32 CPU core per seed"
+        lines += [f"- **{e.id}. {e.title}** ({cost}): {e.question}", '',
                   '  ```bash', *[f'  {command(flags).strip()}' for flags in e.runs.values()], '  ```', '']
     return '\n'.join(lines) + '\n'
