@@ -151,8 +151,7 @@ def split_field(r, column, sep, intern=True):
 
 
 def row_weight(r, path, line):
-    """The `weight` column: a finite number >= 0, the row's relative chance to be drawn in training
-    (balanced sampling)."""
+    """The `weight` column: a finite number >= 0, the row's relative chance to be drawn (balanced sampling)."""
     try:
         w = float(r['weight'])
     except (TypeError, ValueError):
@@ -282,8 +281,7 @@ class AudioDataset(Dataset):
 
 
 def check_bad(bad, total, max_bad):
-    """Unreadable files are skipped with a warning until they are more than max_bad of all `total`
-    (ours)."""
+    """Unreadable files are skipped with a warning until they are more than max_bad of `total` (ours)."""
     if len(bad) > max_bad * total:
         raise SystemExit(f"error: {len(bad)} of {total} audio files could not be read (more than --max_bad {max_bad}), "
                          f"e.g. {sorted(bad)[:3]}")
@@ -358,8 +356,7 @@ def builtin(data):
 
 
 def default_frames(data, frontend):
-    """The crop length when --n_frames is not given: 192 frames on the built-in sets (2 s clips),
-    else the front-end's."""
+    """The crop without --n_frames: 192 frames on the built-in sets (2 s clips), else the front-end's."""
     return demo.DEMO_FRAMES if builtin(data) else FRONTENDS[frontend]['n_frames']
 
 

@@ -16,7 +16,6 @@ snr_db, gain) so that the split shift can be checked (test_all.py does; docs/gui
 """
 import csv
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -379,14 +378,10 @@ def synth_manifest(name='synth'):
 
 def shuffle_captions(root):
     """root/shuffled.csv: pool.csv with row i's captions those of row perm[i], perm = numpy's permutation of seed 0;
-    files, labels and splits unchanged. Written atomically (DDP ranks may race)."""
+    files, labels and splits unchanged. Written to a temporary name first (DDP ranks may race)."""
     with open(os.path.join(root, 'pool.csv'), newline='') as f:
         rows = list(csv.DictReader(f))
     perm = np.random.default_rng(0).permutation(len(rows))
-    fd, tmp = tempfile.mkstemp(dir=root, suffix='.tmp')
-    with os.fdopen(fd, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({**r, 'caption': rows[perm[i]]['caption']} for i, r in enumerate(rows))
-    os.chmod(tmp, 0o644)
+    tmp = os.path.join(root, f'.shuffled-{os.getpid()}.tmp')
+    _write_csv(tmp, list(rows[0]), [[*{**r, 'caption': rows[perm[i]]['caption']}.values()] for i, r in enumerate(rows)])
     os.replace(tmp, os.path.join(root, 'shuffled.csv'))
