@@ -256,11 +256,14 @@ def command(flags):
     return f"   {base} {flags}"
 
 
+def cost(e):
+    return f"about {e.minutes} minutes of one fp32 CPU core per seed"
+
+
 def describe():
     lines = []
     for e in EXPERIMENTS:
-        cost = f"about {e.minutes} minutes of one fp32 CPU core per seed"
-        lines += [f"{e.id}. {e.title} ({cost})", f"   {e.question}"]
+        lines += [f"{e.id}. {e.title} ({cost(e)})", f"   {e.question}"]
         lines += [command(flags) for flags in e.runs.values()]
         for quantity, per_task in (ranges().get(e.id, {}) if os.path.exists(RANGES) else {}).items():
             spans = [f"{t} {lo:+.1f} to {hi:+.1f}" for t, (lo, hi) in per_task.items()]

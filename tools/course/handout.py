@@ -8,7 +8,7 @@ import subprocess
 
 from tools.course import ASSIGNMENTS
 from tools.course.grade import REPO, copy_tests, run_tests
-from tools.course.experiments import EXPERIMENTS, command
+from tools.course.experiments import EXPERIMENTS, command, cost
 from tools.course.source import stub
 
 SEED = 0  # the handout's inputs; the grader draws its own
@@ -80,7 +80,6 @@ def student_page():
               '`synth:event`; probe seeds 0, 1, 2) and zero-shot (`python zeroshot.py --ckpt C --data synth:event`). '
               'Your instructor re-runs the probes on your checkpoints.', '']
     for e in EXPERIMENTS:
-        cost = f"about {e.minutes} minutes of one fp32 CPU core per seed"
-        lines += [f"- **{e.id}. {e.title}** ({cost}): {e.question}", '',
+        lines += [f"- **{e.id}. {e.title}** ({cost(e)}): {e.question}", '',
                   '  ```bash', *[f'  {command(flags).strip()}' for flags in e.runs.values()], '  ```', '']
     return '\n'.join(lines) + '\n'
